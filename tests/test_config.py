@@ -1,0 +1,121 @@
+"""Config flow: recipe -> overrides -> validated dataclasses, and the derived batch plan."""
+
+import dataclasses
+import tomllib
+
+import pytest
+
+from largebatch import recipes
+from largebatch.cli import parse_overrides, resolve_config
+from largebatch.config import (AUGMENTS, DATA_SOURCES, DECAYS, MODEL_NAMES, OPTIMIZER_NAMES, SCALING_RULES,
+                               WARMUP_MODES, ConfigError, DataConfig, config_from_dict, config_to_dict, plan_batches)
+from largebatch.run_dir import to_toml
+
+
+def test_every_recipe_validates():
+    for name in recipes.available():
+        recipe, tree = recipes.load(name)
+        if tree["data"].get("source", "fashion_mnist") not in ("fashion_mnist", "synthetic"):
+            tree["data"]["path"] = "/datasets/somewhere"  # recipes for real datasets leave the path to the user
+        assert config_from_dict(tree, recipe).recipe == name
+
+
+def test_a_recipe_for_a_real_dataset_asks_for_its_path():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        resolve_config("goyal2017", {})
+
+
+def test_overrides_are_typed_by_field():
+    cfg = resolve_config("fmnist_goyal", parse_overrides([
+        "--data.global_batch", "4096", "--optim.base_lr=0.2", "--schedule.milestones", "3,6",
+        "--model.zero_init_residual", "true", "--run.name", "123"]))
+    assert cfg.data.global_batch == 4096 and cfg.optim.base_lr == 0.2
+    assert cfg.schedule.milestones == (3.0, 6.0)
+    assert cfg.model.zero_init_residual is True
+    assert cfg.run.name == "123"  # strings stay strings
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--optim.scaling", "cube"], ["optim.scaling", "'cube'", "'linear'", "'sqrt'"]),
+    (["--optim.momentum", "1.5"], ["optim.momentum", "1.5", "<= 1.0"]),
+    (["--data.global_batch", "0"], ["data.global_batch", ">= 1"]),
+    (["--data.global_batch", "many"], ["data.global_batch", "many"]),
+    (["--data.global_batch", "2.5"], ["data.global_batch", "2.5", "integer"]),
+    (["--model.zero_init_residual", "1"], ["model.zero_init_residual", "true or false"]),
+    (["--optim.lrr", "0.1"], ["optim.lrr", "base_lr"]),
+    (["--optimizer.lr", "0.1"], ["optimizer.lr", "sections are"]),
+    (["--model.name", "vgg"], ["model.name", "'vgg'", "'resnet50'"]),
+    (["--schedule.warmup_epochs", "99", "--schedule.epochs", "10"], ["schedule.warmup_epochs", "99"]),
+    (["--schedule.milestones", "60,30"], ["schedule.milestones", "increasing"]),
+    (["--data.source", "npz"], ["data.path", "required"]),
+    (["--data.micro_batch", "48", "--data.bn_batch", "32"], ["data.micro_batch", "48", "data.bn_batch", "32"]),
+    (["--run.precision", "fp16", "--dist.device", "cpu"], ["fp16", "GPU"]),
+    (["stray"], ["stray"]),
+    (["--data.global_batch"], ["needs a value"]),
+])
+def test_bad_config_names_field_and_allowed(argv, words):
+    with pytest.raises(ConfigError) as err:
+        resolve_config("fmnist_goyal", parse_overrides(argv))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="goyal2017"):
+        recipes.load("goyal2018")
+
+
+def test_unknown_section_and_field_in_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        resolve_config(str(bad), {})
+
+
+def test_resolved_config_round_trips_through_toml():
+    cfg = resolve_config("goyal2017", {"data.path": "/imagenet"})
+    again = config_from_dict({k: v for k, v in tomllib.loads(to_toml(config_to_dict(cfg))).items() if k != "recipe"},
+                             recipe=cfg.recipe)
+    assert again == cfg
+
+
+def test_choice_lists_match_the_components():
+    from largebatch import data, models, optim, schedule
+
+    assert set(DATA_SOURCES) == set(data.SOURCES)
+    assert set(AUGMENTS) == set(data.AUGMENTS)
+    assert set(MODEL_NAMES) == set(models.MODELS)
+    assert set(OPTIMIZER_NAMES) == set(optim.OPTIMIZERS)
+    assert (set(SCALING_RULES), set(WARMUP_MODES), set(DECAYS)) == (
+        set(schedule.SCALING_RULES), set(schedule.WARMUP_MODES), set(schedule.DECAYS))
+
+
+def test_goyal_plan_256_workers():
+    plan = plan_batches(DataConfig(global_batch=8192, bn_batch=32), 256)
+    assert (plan.per_worker, plan.micro_batch, plan.accum_steps, plan.bn_batch) == (32, 32, 1, 32)
+
+
+def test_plan_derives_accumulation():
+    plan = plan_batches(DataConfig(global_batch=8192, micro_batch=256, bn_batch=32), 8)
+    assert (plan.per_worker, plan.micro_batch, plan.accum_steps) == (1024, 256, 4)
+    assert plan.world_size * plan.accum_steps * plan.micro_batch == plan.global_batch
+
+
+def test_plan_bn_zero_means_whole_micro_batch():
+    assert plan_batches(DataConfig(global_batch=512, bn_batch=0), 2).bn_batch == 256
+
+
+@pytest.mark.parametrize("data, world, suggestion", [
+    (DataConfig(global_batch=1000, bn_batch=0), 3, "999 or 1002"),
+    (DataConfig(global_batch=1024, micro_batch=96, bn_batch=32), 2, "micro_batch of"),
+    (DataConfig(global_batch=96, bn_batch=32), 2, "bn_batch of"),
+])
+def test_plan_rejects_what_does_not_divide_and_says_what_would(data, world, suggestion):
+    with pytest.raises(ConfigError, match=suggestion):
+        plan_batches(data, world)
+
+
+def test_config_is_frozen():
+    cfg = resolve_config("fmnist_goyal", {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.global_batch = 1
