@@ -1,0 +1,175 @@
+"""Map-style datasets with batched fetching, the DataLoader collate function, and load_splits.
+
+Both dataset kinds implement ``__getitems__(indices) -> (x float32 [B,C,H,W], y int64 [B])``,
+which torch's DataLoader calls with a whole batch of indices when it is present; its result
+then goes to ``collate_fn``, so the loader must be built with :func:`collate_batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from . import formats
+from .formats import DatasetError
+from .transforms import FOLDER_CROP, augment_batch, channel_stats, folder_transforms, normalize
+
+SOURCES: tuple[str, ...] = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
+AUGMENTS: tuple[str, ...] = ("auto", "none", "flip", "crop_flip", "imagenet")
+PATHLESS_SOURCES = ("fashion_mnist", "synthetic")
+FOLDER_SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """What the trainer needs: the two splits and the model's input geometry."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as uint8 N×C×H×W with int64 labels, normalised (and augmented) per batch.
+
+    `mean`/`std` are per-channel on the [0, 1] scale; `augment` is 'none', 'flip' or 'crop_flip'.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
+                 std: tuple[float, ...], augment: str = "none") -> None:
+        self.images = images
+        self.labels = labels
+        self.mean = mean
+        self.std = std
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fetch, augment and normalise a whole batch with array ops, no per-sample loop (the training hot path)."""
+        index = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(self.images.numpy().take(index, axis=0))
+        labels = torch.from_numpy(self.labels.numpy().take(index))
+        return normalize(augment_batch(images, self.augment), self.mean, self.std), labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """One sample as (float32 C×H×W, label), through the same path as a batch of one."""
+        x, y = self.__getitems__([i])
+        return x[0], int(y[0])
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image file as RGB; an unreadable or corrupt file raises DatasetError naming its path."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
+
+
+class FolderDataset(ImageFolder):
+    """torchvision ImageFolder (root/<class>/<image>) decoding with PIL, plus batched fetching."""
+
+    def __init__(self, root: Path, transform: torch.nn.Module) -> None:
+        try:
+            super().__init__(str(root), transform=transform, loader=load_image)
+        except OSError as e:
+            raise DatasetError(f"folder split {root}: {e}; expected {root}/<class>/<image files>") from e
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode and transform each sample, then stack into (x [B,3,224,224], y [B])."""
+        samples = [self[i] for i in indices]
+        return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples], dtype=torch.long)
+
+
+def collate_batch(batch: tuple[torch.Tensor, torch.Tensor] | list) -> tuple[torch.Tensor, torch.Tensor]:
+    """DataLoader collate_fn: pass an already batched ``(x, y)`` from ``__getitems__`` straight through.
+
+    A list of single ``(x, y)`` samples (from a dataset without ``__getitems__``) is stacked instead.
+    """
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 4:
+        return batch
+    return torch.stack([x for x, _ in batch]), torch.as_tensor([int(y) for _, y in batch], dtype=torch.long)
+
+
+def check_choices(source: str, augment: str, path: str) -> None:
+    """Reject an unknown source or augment, or a combination that cannot work, before reading any data."""
+    if source not in SOURCES:
+        raise DatasetError(f"source must be one of {SOURCES}, got {source!r}")
+    if augment not in AUGMENTS:
+        raise DatasetError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    if augment == "imagenet" and source != "folder":
+        raise DatasetError(f"augment 'imagenet' needs source 'folder', got source {source!r}")
+    if source in PATHLESS_SOURCES and path:
+        raise DatasetError(f"source {source!r} takes no path, got path {path!r}")
+
+
+def resolve_augment(augment: str, source: str, channels: int) -> str:
+    """Turn 'auto' into the usual augmentation for the data: folder 'imagenet', synthetic 'none',
+    grayscale (MNIST-like) 'flip', colour (CIFAR-like) 'crop_flip'."""
+    if augment != "auto":
+        return augment
+    if source == "folder":
+        return "imagenet"
+    if source == "synthetic":
+        return "none"
+    return "flip" if channels == 1 else "crop_flip"
+
+
+def tensor_splits(arrays: formats.ArraySplits, source: str, augment: str) -> DataSplits:
+    """Wrap validated arrays into train/test datasets normalised with the training split's statistics."""
+    channels, size = arrays.x_train.shape[1], arrays.x_train.shape[-1]
+    mean, std = channel_stats(arrays.x_train)
+    train = TensorImageDataset(arrays.x_train, arrays.y_train, mean, std, resolve_augment(augment, source, channels))
+    test = TensorImageDataset(arrays.x_test, arrays.y_test, mean, std, "none")
+    return DataSplits(train, test, arrays.num_classes, channels, size)
+
+
+def folder_splits(path: str, augment: str) -> DataSplits:
+    """ImageNet-style tree path/train/<class>/* and path/val/<class>/*, with matching class folders."""
+    root = formats.existing_path(path, "folder")
+    for split in FOLDER_SPLITS:
+        if not (root / split).is_dir():
+            raise DatasetError(f"folder path {root} must contain {split}/<class>/<images>; {root / split} is missing")
+    train_tf, eval_tf = folder_transforms(resolve_augment(augment, "folder", 3))
+    train = FolderDataset(root / "train", train_tf)
+    test = FolderDataset(root / "val", eval_tf)
+    if train.classes != test.classes:
+        raise DatasetError(
+            f"folder path {root}: class folders differ between train ({train.classes}) and val ({test.classes})"
+        )
+    return DataSplits(train, test, len(train.classes), 3, FOLDER_CROP)
+
+
+def load_splits(source: str, path: str = "", augment: str = "auto", *,
+                synthetic_shape: tuple[int, int, int] = (3, 32, 32), synthetic_classes: int = 10,
+                synthetic_train: int = 1024, synthetic_test: int = 256, seed: int = 0) -> DataSplits:
+    """Load a data set by source name (see SOURCES) with train augmentation `augment` (see AUGMENTS).
+
+    'fashion_mnist' and 'synthetic' take no path; the synthetic_* arguments and `seed` only
+    affect 'synthetic'. Raises DatasetError for any bad input.
+    """
+    check_choices(source, augment, path)
+    if source == "folder":
+        return folder_splits(path, augment)
+    if source == "fashion_mnist":
+        arrays = formats.read_embedded()
+    elif source == "npz":
+        arrays = formats.read_npz(path)
+    elif source == "idx":
+        arrays = formats.read_idx(path)
+    elif source in ("cifar10", "cifar100"):
+        arrays = formats.read_cifar(path, source)
+    else:
+        arrays = formats.make_synthetic(synthetic_shape, synthetic_classes, synthetic_train, synthetic_test, seed)
+    return tensor_splits(arrays, source, augment)
