@@ -1,0 +1,44 @@
+"""Applying data parallelism to a model from outside it (the model code knows nothing of this).
+
+Every rank builds the model from the same seed (Yamazaki et al. 2019), so DDP's initial broadcast
+is replaced by a cheap check that all ranks really hold the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from largebatch.config import DistConfig
+from largebatch.dist.env import DistEnv, all_gather_objects
+
+
+def parameter_fingerprint(model: nn.Module) -> list[float]:
+    """Per-tensor float64 sums of parameters and buffers: equal models give equal lists."""
+    with torch.no_grad():
+        return [t.detach().double().sum().item() for t in (*model.parameters(), *model.buffers())
+                if t.is_floating_point()]
+
+
+def check_same_init(model: nn.Module, env: DistEnv) -> None:
+    """Raise if ranks did not build identical models (e.g. a seed that depends on the rank)."""
+    prints = all_gather_objects(parameter_fingerprint(model), env)
+    differing = [rank for rank, p in enumerate(prints) if p != prints[0]]
+    if differing:
+        raise RuntimeError(f"ranks {differing} built a model different from rank 0's: every rank must "
+                           "initialise the model from the same seed")
+
+
+def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
+    """DDP around `model` when there is more than one process; the model itself otherwise."""
+    if not env.distributed:
+        return model
+    check_same_init(model, env)
+    return DistributedDataParallel(
+        model,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        broadcast_buffers=cfg.broadcast_buffers,
+        init_sync=False,
+    )

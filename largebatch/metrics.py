@@ -1,0 +1,69 @@
+"""What a run records: JSON lines (one record per line, `kind` says which), TensorBoard scalars,
+MLPerf-style timing events, and a progress bar. Only rank 0 writes; other ranks get a silent logger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable instead of invalid
+    return value
+
+
+class RunLogger:
+    """Appends records to `run_dir/metrics.jsonl` and mirrors numeric fields to TensorBoard."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool = True):
+        self.enabled = run_dir is not None
+        self._file = None
+        self._writer = None
+        if not self.enabled:
+            return
+        self._file = open(Path(run_dir) / METRICS_NAME, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it writes
+
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time()} | {k: _json_safe(v) for k, v in values.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def mlperf_event(self, key: str, step: int = 0, **values: Any) -> None:
+        """An MLPerf-logging-style event (run_start, run_final, ...) with a millisecond timestamp."""
+        self.log("mlperf", step, key=key, time_ms=int(time.time() * 1000), **values)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._file is not None:
+            self._file.close()
+        self.enabled = False
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All records of a run, in order."""
+    with open(Path(run_dir) / METRICS_NAME, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total: int, enabled: bool, description: str) -> tqdm:
+    return tqdm(total=total, disable=not enabled, desc=description, unit="step", dynamic_ncols=True, leave=False)
