@@ -48,7 +48,7 @@ class DataConfig:
     path: str = ""
     augment: str = _choice("auto", AUGMENTS)
     global_batch: int = _range(256, 1)
-    micro_batch: int = _range(0, 0)  # 0: the whole per-worker batch in one forward pass
+    micro_batch: int = _range(0, 0)  # largest forward pass per device; 0: the whole per-worker batch
     bn_batch: int = _range(32, 0)  # 0: BN statistics over the whole micro-batch
     eval_batch: int = _range(1000, 1)
     workers: int = _range(0, 0)
@@ -307,18 +307,10 @@ def validate_relations(cfg: Config) -> None:
     if d.source == "synthetic" and (len(d.synthetic_shape) != 3 or min(d.synthetic_shape) < 1):
         raise ConfigError(f"data.synthetic_shape = {list(d.synthetic_shape)}: must be [channels, height, width], "
                           "all >= 1")
-    if d.micro_batch and d.bn_batch and d.micro_batch % d.bn_batch:
-        raise ConfigError(f"data.micro_batch = {d.micro_batch} is not a multiple of data.bn_batch = {d.bn_batch}; "
-                          f"use a micro_batch of {_nearest_multiples(d.micro_batch, d.bn_batch)}")
     if cfg.run.precision == "fp16" and cfg.dist.device == "cpu":
         raise ConfigError("run.precision = 'fp16' needs a GPU (fp16 with GradScaler); on CPU use 'bf16' or 'fp32'")
     if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
         raise ConfigError("dist.backend = 'nccl' needs dist.device = 'cuda' (or 'auto' on a GPU machine)")
-
-
-def _nearest_multiples(value: int, unit: int) -> str:
-    below, above = (value // unit) * unit, (value // unit + 1) * unit
-    return f"{below} or {above}" if below else f"{above}"
 
 
 def _divisors_near(total: int, target: int) -> str:
@@ -349,7 +341,7 @@ def plan_batches(data: DataConfig, world_size: int) -> BatchPlan:
             f"data.global_batch = {g} does not divide over {world_size} workers; use a global batch of "
             f"{lower or upper}{f' or {upper}' if lower else ''}, or {_divisors_near(g, world_size)} workers")
     per_worker = g // world_size
-    micro = data.micro_batch or per_worker
+    micro = min(data.micro_batch or per_worker, per_worker)  # a cap: no accumulation when the worker's share fits
     if per_worker % micro:
         raise ConfigError(
             f"data.micro_batch = {micro} does not divide the per-worker batch {per_worker} "

@@ -46,9 +46,8 @@ def test_overrides_are_typed_by_field():
     (["--optimizer.lr", "0.1"], ["optimizer.lr", "sections are"]),
     (["--model.name", "vgg"], ["model.name", "'vgg'", "'resnet50'"]),
     (["--schedule.warmup_epochs", "99", "--schedule.epochs", "10"], ["schedule.warmup_epochs", "99"]),
-    (["--schedule.milestones", "60,30"], ["schedule.milestones", "increasing"]),
+    (["--schedule.decay", "step", "--schedule.milestones", "60,30"], ["schedule.milestones", "increasing"]),
     (["--data.source", "npz"], ["data.path", "required"]),
-    (["--data.micro_batch", "48", "--data.bn_batch", "32"], ["data.micro_batch", "48", "data.bn_batch", "32"]),
     (["--run.precision", "fp16", "--dist.device", "cpu"], ["fp16", "GPU"]),
     (["stray"], ["stray"]),
     (["--data.global_batch"], ["needs a value"]),
@@ -101,6 +100,11 @@ def test_plan_derives_accumulation():
     assert plan.world_size * plan.accum_steps * plan.micro_batch == plan.global_batch
 
 
+def test_micro_batch_is_a_cap_per_device():
+    plan = plan_batches(DataConfig(global_batch=1024, micro_batch=128, bn_batch=32), 16)
+    assert (plan.per_worker, plan.micro_batch, plan.accum_steps) == (64, 64, 1)
+
+
 def test_plan_bn_zero_means_whole_micro_batch():
     assert plan_batches(DataConfig(global_batch=512, bn_batch=0), 2).bn_batch == 256
 
@@ -109,6 +113,8 @@ def test_plan_bn_zero_means_whole_micro_batch():
     (DataConfig(global_batch=1000, bn_batch=0), 3, "999 or 1002"),
     (DataConfig(global_batch=1024, micro_batch=96, bn_batch=32), 2, "micro_batch of"),
     (DataConfig(global_batch=96, bn_batch=32), 2, "bn_batch of"),
+    (DataConfig(global_batch=1024, micro_batch=192, bn_batch=32), 1, "micro_batch of 128 or 256"),
+    (DataConfig(global_batch=960, micro_batch=48, bn_batch=32), 1, "bn_batch of 16 or 24"),
 ])
 def test_plan_rejects_what_does_not_divide_and_says_what_would(data, world, suggestion):
     with pytest.raises(ConfigError, match=suggestion):
