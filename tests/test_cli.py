@@ -1,0 +1,92 @@
+"""The command line: help, recipe listing, and bad input reported in one line with nothing half-written."""
+
+import pytest
+from PIL import Image
+
+from largebatch.cli import main
+from multiproc import run_python
+
+QUICK = ["--data.source", "synthetic", "--data.synthetic_shape", "1,8,8", "--data.synthetic_train", "64",
+         "--data.synthetic_test", "16", "--data.global_batch", "32", "--data.bn_batch", "8",
+         "--schedule.epochs", "1", "--schedule.warmup_epochs", "0", "--run.progress", "false"]
+
+
+def test_help_and_module_entry_point():
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"]):
+        out = run_python(["-m", "largebatch", *argv]).stdout
+        assert "usage: largebatch" in out
+
+
+def test_recipes_lists_one_line_each(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("goyal2017 ") for line in lines)
+    assert any(line.startswith("fmnist_goyal ") and line.endswith("(default)") for line in lines)
+
+
+def error_of(capsys, argv):
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_recipe(capsys, tmp_path):
+    err = error_of(capsys, ["train", "--recipe", "nope", "--run.out_dir", str(tmp_path)])
+    assert "unknown recipe 'nope'" in err and "goyal2017" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_field_creates_no_run_directory(capsys, tmp_path):
+    err = error_of(capsys, ["train", *QUICK, "--optim.momentum", "2", "--run.out_dir", str(tmp_path)])
+    assert "optim.momentum = 2.0" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_batch_that_does_not_divide_the_launched_world(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    err = error_of(capsys, ["train", *QUICK, "--run.out_dir", str(tmp_path)])
+    assert "does not divide over 3 workers" in err and "30 or 33" in err
+
+
+def test_missing_dataset_path(capsys, tmp_path):
+    err = error_of(capsys, ["train", "--data.source", "npz", "--data.path", str(tmp_path / "none.npz"),
+                            "--run.out_dir", str(tmp_path)])
+    assert "none.npz" in err and "does not exist" in err
+
+
+def test_existing_run_directory_is_refused_unless_resume_or_overwrite(capsys, tmp_path):
+    argv = ["train", *QUICK, "--run.out_dir", str(tmp_path), "--run.name", "r"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert "already exists" in error_of(capsys, argv)
+    assert main([*argv, "--overwrite"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--schedule.epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "after 2 epochs" in out
+
+
+def test_resume_of_a_directory_without_a_run(capsys, tmp_path):
+    assert "holds no config.toml of an earlier run" in error_of(capsys, ["train", "--resume", str(tmp_path)])
+
+
+def test_unreadable_image_is_named(capsys, tmp_path):
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0) if label == "a" else (0, 40 * i, 0)).save(
+                    root / split / label / f"{i}.png")
+    bad = root / "train" / "b" / "3.png"
+    bad.write_bytes(b"not a png at all")
+    err = error_of(capsys, ["train", *QUICK, "--data.source", "folder", "--data.path", str(root),
+                            "--data.augment", "none", "--model.name", "small_cnn", "--data.global_batch", "16",
+                            "--run.out_dir", str(tmp_path / "runs")])
+    assert str(bad) in err
+
+
+def test_corrupt_checkpoint_is_named(capsys, tmp_path):
+    argv = ["train", *QUICK, "--run.out_dir", str(tmp_path), "--run.name", "r"]
+    assert main(argv) == 0
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"garbage")
+    err = error_of(capsys, ["eval", str(tmp_path / "r")])
+    assert str(tmp_path / "r" / "checkpoint.pt") in err and "corrupt" in err

@@ -1,0 +1,81 @@
+"""Single-process training runs: run-directory contents, bit-exact resume, non-finite losses."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from largebatch.checkpoint import load_checkpoint
+from largebatch.cli import main, parse_overrides, resolve_config
+from largebatch.metrics import read_metrics
+from largebatch.run_dir import CONFIG_NAME, create_run_dir
+from largebatch.train import NonFiniteLossError, train
+
+SMALL = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
+         "--data.synthetic_test", "64", "--data.global_batch", "64", "--data.micro_batch", "32", "--data.bn_batch", "16",
+         "--data.augment", "flip", "--optim.base_lr", "1.0", "--schedule.epochs", "3", "--schedule.warmup_epochs", "1",
+         "--schedule.decay", "step", "--schedule.milestones", "2", "--run.progress", "false", "--run.log_every", "2"]
+
+
+def config(tmp_path, *extra):
+    return resolve_config("fmnist_goyal", parse_overrides([*SMALL, "--run.out_dir", str(tmp_path), *extra]))
+
+
+def run(tmp_path, name, *extra, resume=False):
+    cfg = config(tmp_path, "--run.name", name, *extra)
+    run_dir = tmp_path / name
+    if not resume:
+        create_run_dir(run_dir, cfg, overwrite=False)
+    return train(cfg, run_dir, resume=resume)
+
+
+def test_run_directory_holds_config_metrics_events_and_checkpoint(tmp_path):
+    result = run(tmp_path, "r", "--run.target_accuracy", "0.2")
+    run_dir = tmp_path / "r"
+    assert (run_dir / CONFIG_NAME).is_file() and (run_dir / "checkpoint.pt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    records = read_metrics(run_dir)
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "plan" and kinds.count("epoch") == 3
+    mlperf = [r["key"] for r in records if r["kind"] == "mlperf"]
+    assert mlperf == ["run_start", "run_final"]
+    train_lines = [r for r in records if r["kind"] == "train"]
+    assert {"lr", "loss", "images_per_s", "elapsed_s", "epoch"} <= train_lines[0].keys()
+    assert result.steps == 12 and result.test.samples == 64
+    assert result.time_to_accuracy_s is not None and result.time_to_accuracy_s <= result.wall_s
+    # The logged lr follows the schedule: the linearly scaled peak, divided by 10 after the milestone.
+    assert train_lines[-1]["lr"] == pytest.approx(1.0 * 64 / 256 * 0.1)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    run(tmp_path, "straight")
+    interrupted = run(tmp_path, "split", "--run.stop_after_epochs", "2")
+    assert interrupted.epochs == 2
+    assert read_metrics(tmp_path / "split")[-1]["key"] == "session_stop"
+    run(tmp_path, "split", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+    assert a["progress"]["step"] == b["progress"]["step"] == 12
+
+
+def test_nonfinite_loss_stops_with_the_step_number(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        run(tmp_path, "nan", "--optim.base_lr", "1e30", "--schedule.warmup_epochs", "0")
+
+
+def test_nonfinite_loss_can_be_skipped(tmp_path):
+    result = run(tmp_path, "skip", "--optim.base_lr", "1e30", "--schedule.warmup_epochs", "0",
+                 "--run.on_nonfinite", "skip")
+    assert result.skipped_steps > 0
+    skips = [r for r in read_metrics(tmp_path / "skip") if r["kind"] == "skip"]
+    assert len(skips) == result.skipped_steps and not math.isfinite(float(skips[0]["loss"]))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    result = run(tmp_path, "bf16", "--run.precision", "bf16", "--model.channels_last", "true")
+    assert math.isfinite(result.test.loss)
