@@ -41,7 +41,7 @@ def _torchvision_resnet(
 
 
 _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "small_cnn": lambda nc, ic, size: SmallCNN(num_classes=nc, in_channels=ic),
+    "small_cnn": lambda nc, ic, size: SmallCNN(num_classes=nc, in_channels=ic, image_size=size),
     "resnet20": lambda nc, ic, size: resnet20(num_classes=nc, in_channels=ic),
     "resnet56": lambda nc, ic, size: resnet56(num_classes=nc, in_channels=ic),
     "resnet18": lambda nc, ic, size: _torchvision_resnet(tv_resnet18, nc, ic, size),
