@@ -51,13 +51,12 @@ def peak_lr(cfg: Config) -> float:
 
 
 def build_schedule(cfg: Config, steps_per_epoch: int) -> LrSchedule:
-    s = cfg.schedule
-    return LrSchedule(
-        peak_lr=peak_lr(cfg), steps_per_epoch=steps_per_epoch, total_epochs=s.epochs,
-        warmup_epochs=s.warmup_epochs, warmup_mode=s.warmup_mode,
-        warmup_start_lr=cfg.optim.base_lr if s.warmup_from == "base_lr" else 0.0,
-        decay=s.decay, milestones=tuple(s.milestones), gamma=s.gamma, poly_power=s.poly_power,
-        final_lr=s.final_lr)
+    s, o = cfg.schedule, cfg.optim
+    return LrSchedule.from_base_lr(
+        o.base_lr, global_batch=cfg.data.global_batch, ref_batch=o.ref_batch, rule=o.scaling,
+        steps_per_epoch=steps_per_epoch, total_epochs=s.epochs, warmup_from=s.warmup_from,
+        warmup_epochs=s.warmup_epochs, warmup_mode=s.warmup_mode, decay=s.decay, milestones=tuple(s.milestones),
+        gamma=s.gamma, poly_power=s.poly_power, final_lr=s.final_lr)
 
 
 def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], tuple]:

@@ -88,13 +88,14 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from largebatch.checkpoint import CHECKPOINT_NAME
     from largebatch.evaluate import evaluate_checkpoint
 
     run_dir = Path(args.run_dir)
     require_run(run_dir)
     cfg = resolve_config("", parse_overrides(extra), run_dir)
     check_data_path(cfg)
-    result = evaluate_checkpoint(cfg, Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoint.pt")
+    result = evaluate_checkpoint(cfg, Path(args.checkpoint) if args.checkpoint else run_dir / CHECKPOINT_NAME)
     if result is not None:
         print(f"test accuracy: {100 * result.accuracy:.2f}%  loss {result.loss:.4f}  samples {result.samples}")
     return 0

@@ -78,7 +78,7 @@ def _train(cfg: Config, env: DistEnv, run_dir: Path | None, resume_dir: Path | N
 
     sampler = GlobalBatchSampler(len(splits.train), plan, env.rank, cfg.run.seed)
     schedule = build.build_schedule(cfg, sampler.steps_per_epoch)
-    total_steps = math.ceil(cfg.schedule.epochs * sampler.steps_per_epoch)
+    total_steps = schedule.total_steps
     total_epochs = math.ceil(total_steps / sampler.steps_per_epoch)
     train_loader = torch.utils.data.DataLoader(
         splits.train, batch_sampler=sampler, collate_fn=collate_batch, num_workers=cfg.data.workers,

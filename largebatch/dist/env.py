@@ -34,11 +34,6 @@ class DistEnv:
         return self.backend is not None
 
 
-def launched_world_size() -> int:
-    """World size as torchrun announces it (1 without torchrun); readable before any group starts."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _pick_device(cfg: DistConfig, local_rank: int) -> torch.device:
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if not want_cuda:
@@ -52,7 +47,7 @@ def _pick_device(cfg: DistConfig, local_rank: int) -> torch.device:
 
 def init_distributed(cfg: DistConfig, timeout_s: float = 600.0) -> DistEnv:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU) or set up a single process."""
-    world_size = launched_world_size()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
@@ -84,12 +79,3 @@ def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
