@@ -7,7 +7,7 @@ statistics, Goyal §5.1).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
