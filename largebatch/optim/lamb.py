@@ -1,0 +1,136 @@
+"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes").
+
+LAMB is Adam with decoupled weight decay whose per-tensor update is rescaled by a trust ratio, the
+ratio of the weight norm to the update norm, as LARS does for momentum SGD. The norms of all of a
+group's tensors are computed with one ``torch._foreach_norm`` call for the weights and one for the
+updates, and the trust ratios stay on the device: the step never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+
+class LAMB(torch.optim.Optimizer):
+    """Layer-wise Adaptive Moments for Batch training (You et al. 2019, algorithm 2).
+
+    For each parameter tensor p of a group, with gradient g, the group's lr, betas (b1, b2), eps,
+    weight decay lam and the parameter's step count t (1 on its first step)::
+
+        m <- b1 * m + (1 - b1) * g                 v <- b2 * v + (1 - b2) * g * g      (m, v start at 0)
+        m_hat = m / (1 - b1 ** t)                  v_hat = v / (1 - b2 ** t)           (bias_correction)
+        m_hat = m                                  v_hat = v                           (no bias_correction)
+        u = m_hat / (sqrt(v_hat) + eps) + lam * p                   (decoupled weight decay, in the update)
+        r = ||p|| / ||u||  if ||p|| > 0 and ||u|| > 0, else 1;   r = min(r, trust_clip) if trust_clip is set
+        r = 1              in a group whose "trust" is False
+        p <- p - lr * r * u
+
+    with L2 norms of whole tensors. Per-group options: lr, betas, eps, weight_decay, bias_correction,
+    trust_clip and ``trust`` (default True; set it False on the "no_decay" group of
+    ``param_groups(model, wd, exclude_bn_bias=True)`` to exclude batch-norm and bias parameters from
+    the trust ratio, which then get plain AdamW steps with their group's weight decay).
+
+    State per parameter: ``step`` (an int, the number of steps the parameter has taken), ``exp_avg``
+    (m), ``exp_avg_sq`` (v) and ``trust_ratio``, a 0-dim tensor with the r of the last step, for
+    logging. Parameters whose grad is None are skipped, their step count included. Sparse gradients
+    are not supported.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
+                 trust_clip: float | None = None) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
+        if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas = {betas!r} is not allowed; both must be in [0, 1)")
+        if not eps >= 0:
+            raise ValueError(f"eps = {eps!r} is not allowed; it must be >= 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay = {weight_decay!r} is not allowed; it must be >= 0")
+        if trust_clip is not None and not trust_clip > 0:
+            raise ValueError(f"trust_clip = {trust_clip!r} is not allowed; it must be None or > 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, trust_clip=trust_clip, trust=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; returns closure() if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        bc1: list[float] = []  # 1 - b1 ** t per parameter (1 without bias correction)
+        bc2_sqrt: list[float] = []  # sqrt(1 - b2 ** t) per parameter
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LAMB does not support sparse gradients")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = t = int(state["step"]) + 1
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["bias_correction"]:
+                bc1.append(1 - beta1 ** t)
+                bc2_sqrt.append(math.sqrt(1 - beta2 ** t))
+            else:
+                bc1.append(1.0)
+                bc2_sqrt.append(1.0)
+        if not params:
+            return
+
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m + (1 - b1) (g - m) = b1 m + (1 - b1) g
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+        # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + lam * p
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(exp_avgs, bc1)
+        torch._foreach_div_(update, denom)
+        del denom
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+
+        ratio = self._trust_ratios(group, params, update)
+        for p, r in zip(params, ratio.unbind(0)):
+            self.state[p]["trust_ratio"] = r.clone()
+        torch._foreach_mul_(update, list(ratio.unbind(0)))
+        torch._foreach_add_(params, update, alpha=-lr)
+
+    @staticmethod
+    def _trust_ratios(group: dict, params: list[Tensor], update: list[Tensor]) -> Tensor:
+        """The trust ratio r of every parameter (see the class docstring), as one 1-d tensor."""
+        ref = params[0]
+        if not group["trust"]:
+            return torch.ones(len(params), dtype=ref.dtype, device=ref.device)
+        w_norm = torch.stack(torch._foreach_norm(params)).to(ref.dtype)
+        u_norm = torch.stack(torch._foreach_norm(update)).to(ref.dtype)
+        valid = (w_norm > 0) & (u_norm > 0)
+        ratio = torch.where(valid, w_norm / u_norm, torch.ones_like(w_norm))
+        if group["trust_clip"] is not None:
+            ratio = torch.clamp(ratio, max=group["trust_clip"])
+        return ratio

@@ -1,0 +1,145 @@
+"""LARS (You, Gitman and Ginsburg 2017/2018) and NVIDIA apex's LARC variants, with batched norms.
+
+LARS gives every parameter tensor (every "layer") its own local learning rate from the ratio of its
+weight norm to its gradient norm, so that the update of each layer is a fixed fraction of its weights
+whatever the scale of its gradient. That is what lets very large mini-batches train with a large
+global lr. The norms of all of a group's tensors are computed with one ``torch._foreach_norm`` call
+for the weights and one for the gradients (the batched norms of Fujitsu's ResNet-50 runs, Mikami et
+al. 2018), and the trust ratios stay on the device: the step never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+LARS_MODES = ("lars", "larc_clip", "larc_scale")
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling, momentum SGD with a per-tensor local learning rate.
+
+    For each parameter tensor p of a group, with gradient g, the group's lr, momentum m, weight decay
+    beta, trust coefficient eta and eps::
+
+        w_norm = ||p||,  g_norm = ||g||                                  (L2 norms of the whole tensor)
+        trust  = eta * w_norm / (g_norm + beta * w_norm + eps)  if w_norm > 0 and g_norm > 0, else 1
+        local  = trust                        mode "lars" and "larc_scale"
+                 min(trust / lr, 1)           mode "larc_clip", where trust is the 1 fallback it stays 1
+                                              (and where lr == 0 it is 1: the step is 0 anyway)
+        local  = 1                            in a group whose "trust" is False
+        d      = g + beta * p
+        v      <- m * v + lr * local * d      (v is 0 before the first step, so first v = lr * local * d)
+        p      <- p - v                                         nesterov=False
+        p      <- p - (m * v + lr * local * d)                  nesterov=True (v the new buffer)
+
+    so the lr is inside the momentum buffer (Goyal et al.'s eq. (10) form, as in You et al.'s
+    algorithm 1). "larc_clip" is apex's LARC with ``clip=True``: the effective per-tensor rate
+    ``lr * local`` is ``min(trust, lr)``, so LARS can lower a layer's rate but never raise it above the
+    global lr. "larc_scale" is apex's LARC with ``clip=False`` and is the same arithmetic as "lars";
+    it is kept as a name so configurations can say which recipe they follow. With momentum 0 no buffer
+    is kept and p <- p - lr * local * d. No momentum correction is applied when lr changes.
+
+    Per-group options: lr, momentum, weight_decay, trust_coefficient, eps, nesterov, mode and
+    ``trust`` (default True). ``param_groups(model, wd, exclude_bn_bias=True)`` gives a "no_decay"
+    group with weight decay 0; setting ``trust=False`` on it as well excludes batch-norm and bias
+    parameters from the trust ratio (plain momentum SGD at the global lr), as LARS recipes do. Weight
+    decay is always the group's ``weight_decay``, whatever ``trust`` is.
+
+    State per parameter: ``momentum_buffer`` (momentum > 0 only) and ``local_lr``, a 0-dim tensor with
+    the ``local`` factor of the parameter's last step (1 in trust=False groups), for logging trust
+    ratios. Parameters whose grad is None are skipped (buffer and ``local_lr`` untouched). Sparse
+    gradients are not supported.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = 0.9,
+                 weight_decay: float = 0.0, trust_coefficient: float = 0.001, eps: float = 0.0,
+                 nesterov: bool = False, mode: str = "lars") -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum = {momentum!r} is not allowed; it must be in [0, 1)")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay = {weight_decay!r} is not allowed; it must be >= 0")
+        if not trust_coefficient > 0:
+            raise ValueError(f"trust_coefficient = {trust_coefficient!r} is not allowed; it must be > 0")
+        if not eps >= 0:
+            raise ValueError(f"eps = {eps!r} is not allowed; it must be >= 0")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov = True is not allowed with momentum = 0; Nesterov needs momentum > 0")
+        if mode not in LARS_MODES:
+            raise ValueError(f"mode = {mode!r} is not allowed; choose one of {', '.join(map(repr, LARS_MODES))}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps, nesterov=nesterov, mode=mode, trust=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; returns closure() if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        lr = float(group["lr"])
+        momentum = group["momentum"]
+        weight_decay = group["weight_decay"]
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        bufs: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LARS does not support sparse gradients")
+            params.append(p)
+            grads.append(p.grad)
+            if momentum != 0:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+        if not params:
+            return
+
+        local = self._local_lrs(group, params, grads, lr)  # 1-d tensor, one entry per parameter
+        locals_ = local.unbind(0)
+        for p, loc in zip(params, locals_):
+            self.state[p]["local_lr"] = loc.clone()
+
+        # d = g + beta * p, then scaled by lr * local in place: the step's one temporary per parameter.
+        if weight_decay != 0:
+            step = torch._foreach_add(grads, params, alpha=weight_decay)
+        else:
+            step = torch._foreach_mul(grads, 1.0)
+        torch._foreach_mul_(step, list((local * lr).unbind(0)))
+        if not bufs:
+            torch._foreach_sub_(params, step)
+            return
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, step)
+        if group["nesterov"]:
+            torch._foreach_add_(step, bufs, alpha=momentum)  # m * v_new + lr * local * d
+            torch._foreach_sub_(params, step)
+        else:
+            torch._foreach_sub_(params, bufs)
+
+    @staticmethod
+    def _local_lrs(group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> Tensor:
+        """The `local` factor of every parameter (see the class docstring), as one 1-d tensor."""
+        ref = params[0]
+        if not group["trust"]:
+            return torch.ones(len(params), dtype=ref.dtype, device=ref.device)
+        w_norm = torch.stack(torch._foreach_norm(params)).to(ref.dtype)
+        g_norm = torch.stack(torch._foreach_norm(grads)).to(ref.dtype)
+        trust = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
+        valid = (w_norm > 0) & (g_norm > 0)
+        if group["mode"] == "larc_clip":
+            trust = torch.clamp(trust / lr, max=1.0) if lr > 0 else torch.ones_like(trust)
+        return torch.where(valid, trust, torch.ones_like(trust))
