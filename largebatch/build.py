@@ -40,8 +40,14 @@ def build_network(cfg: Config, splits: DataSplits, plan: BatchPlan, device: torc
 def build_optimizer_for(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.exclude_bn_bias)
-    return build_optimizer(o.name, groups, lr=peak_lr(cfg), momentum=o.momentum, nesterov=o.nesterov,
-                           lr_in_momentum=o.lr_in_momentum, momentum_correction=o.momentum_correction)
+    options = {
+        "sgd": dict(momentum=o.momentum, nesterov=o.nesterov, lr_in_momentum=o.lr_in_momentum,
+                    momentum_correction=o.momentum_correction),
+        "lars": dict(momentum=o.momentum, nesterov=o.nesterov, trust_coefficient=o.trust_coefficient, eps=o.eps,
+                     mode=o.lars_mode),
+        "lamb": dict(betas=tuple(o.betas), eps=o.eps, trust_clip=o.trust_clip or None),
+    }[o.name]
+    return build_optimizer(o.name, groups, lr=peak_lr(cfg), **options)
 
 
 def peak_lr(cfg: Config) -> float:

@@ -34,7 +34,8 @@ def _range(default, lo=None, hi=None, *, lo_open=False):
 DATA_SOURCES = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
 AUGMENTS = ("auto", "none", "flip", "crop_flip", "imagenet")
 MODEL_NAMES = ("small_cnn", "resnet20", "resnet56", "resnet18", "resnet50", "alexnet_bn")
-OPTIMIZER_NAMES = ("sgd",)
+OPTIMIZER_NAMES = ("sgd", "lars", "lamb")
+LARS_MODES = ("lars", "larc_clip", "larc_scale")
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_MODES = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "poly", "none")
@@ -81,9 +82,14 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = _range(1e-4, 0.0)
     exclude_bn_bias: bool = False
-    lr_in_momentum: bool = True
-    momentum_correction: bool = True
+    lr_in_momentum: bool = True  # sgd only
+    momentum_correction: bool = True  # sgd only
     label_smoothing: float = _range(0.0, 0.0, 1.0)
+    trust_coefficient: float = _range(0.001, 0.0, lo_open=True)  # lars: eta in eta*|w|/(|g| + wd*|w|)
+    lars_mode: str = _choice("lars", LARS_MODES)
+    eps: float = _range(1e-8, 0.0)  # lars / lamb denominators
+    betas: tuple[float, ...] = (0.9, 0.999)  # lamb
+    trust_clip: float = _range(0.0, 0.0)  # lamb: upper bound of the trust ratio; 0 for none
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,8 @@ def validate_relations(cfg: Config) -> None:
         raise ConfigError(f"schedule.warmup_epochs = {s.warmup_epochs} must be <= schedule.epochs = {s.epochs}")
     if s.decay == "step" and list(s.milestones) != sorted(set(s.milestones)):
         raise ConfigError(f"schedule.milestones = {list(s.milestones)}: must be strictly increasing")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas = {list(cfg.optim.betas)}: must be two numbers in [0, 1)")
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")

@@ -7,7 +7,7 @@ import pytest
 
 from largebatch import recipes
 from largebatch.cli import parse_overrides, resolve_config
-from largebatch.config import (AUGMENTS, DATA_SOURCES, DECAYS, MODEL_NAMES, OPTIMIZER_NAMES, SCALING_RULES,
+from largebatch.config import (AUGMENTS, DATA_SOURCES, DECAYS, LARS_MODES, MODEL_NAMES, OPTIMIZER_NAMES, SCALING_RULES,
                                WARMUP_MODES, ConfigError, DataConfig, config_from_dict, config_to_dict, plan_batches)
 from largebatch.run_dir import to_toml
 
@@ -49,6 +49,8 @@ def test_overrides_are_typed_by_field():
     (["--schedule.decay", "step", "--schedule.milestones", "60,30"], ["schedule.milestones", "increasing"]),
     (["--data.source", "npz"], ["data.path", "required"]),
     (["--run.precision", "fp16", "--dist.device", "cpu"], ["fp16", "GPU"]),
+    (["--optim.betas", "0.9,1.0"], ["optim.betas", "[0, 1)"]),
+    (["--optim.lars_mode", "clip"], ["optim.lars_mode", "'larc_clip'"]),
     (["stray"], ["stray"]),
     (["--data.global_batch"], ["needs a value"]),
 ])
@@ -85,6 +87,7 @@ def test_choice_lists_match_the_components():
     assert set(AUGMENTS) == set(data.AUGMENTS)
     assert set(MODEL_NAMES) == set(models.MODELS)
     assert set(OPTIMIZER_NAMES) == set(optim.OPTIMIZERS)
+    assert set(LARS_MODES) == set(optim.LARS_MODES)
     assert (set(SCALING_RULES), set(WARMUP_MODES), set(DECAYS)) == (
         set(schedule.SCALING_RULES), set(schedule.WARMUP_MODES), set(schedule.DECAYS))
 

@@ -319,7 +319,7 @@ def test_build_optimizer_uses_group_weight_decay():
     net = Net()
     opt = build_optimizer("sgd", param_groups(net, 1e-4, True), lr=0.2, momentum=0.9, nesterov=True,
                           lr_in_momentum=True, momentum_correction=False)
-    assert isinstance(opt, MomentumSGD) and OPTIMIZERS == ("sgd",)
+    assert isinstance(opt, MomentumSGD) and OPTIMIZERS == ("sgd", "lars", "lamb")
     assert [(g["name"], g["weight_decay"], g["lr"], g["nesterov"], g["momentum_correction"])
             for g in opt.param_groups] == [("decay", 1e-4, 0.2, True, False), ("no_decay", 0.0, 0.2, True, False)]
     with pytest.raises(ValueError, match="optimizer = 'adam' .*'sgd'"):

@@ -79,3 +79,16 @@ def test_nonfinite_loss_can_be_skipped(tmp_path):
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     result = run(tmp_path, "bf16", "--run.precision", "bf16", "--model.channels_last", "true")
     assert math.isfinite(result.test.loss)
+
+
+@pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars_mode", "larc_clip"]), ("lamb", [])])
+def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
+    result = run(tmp_path, name, "--optim.name", name, "--optim.exclude_bn_bias", "true",
+                 "--optim.base_lr", "4.0", *extra)
+    assert math.isfinite(result.test.loss) and result.steps == 12
+    state = load_checkpoint(tmp_path / name / "checkpoint.pt")["optimizer"]
+    decay, no_decay = state["param_groups"]
+    assert (decay["trust"], no_decay["trust"]) == (True, False)
+    ratio_key = "local_lr" if name == "lars" else "trust_ratio"
+    assert all(float(state["state"][i][ratio_key]) == 1.0 for i in no_decay["params"])
+    assert any(float(state["state"][i][ratio_key]) != 1.0 for i in decay["params"])

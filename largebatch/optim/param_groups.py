@@ -30,10 +30,11 @@ def is_bn_or_bias(module: nn.Module, param_name: str) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool) -> list[dict]:
-    """Optimizer parameter groups for `model`, each with "name", "params" and "weight_decay".
+    """Optimizer parameter groups for `model`, each with "name", "params", "weight_decay" and "trust".
 
     With `exclude_bn_bias`, the parameters `is_bn_or_bias` selects form a "no_decay" group with weight
-    decay 0 and the rest a "decay" group with `weight_decay`; without it there is one "decay" group.
+    decay 0 and no layer-wise trust ratio (LARS/LAMB, You et al.), and the rest a "decay" group with
+    `weight_decay`; without it there is one "decay" group.
     Parameters appear in `model.named_modules()` order, each once (shared parameters are not repeated),
     frozen ones included. Empty groups are omitted.
     """
@@ -46,6 +47,6 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool) -
                 continue
             seen.add(id(p))
             (no_decay if exclude_bn_bias and is_bn_or_bias(module, name) else decay).append(p)
-    groups = [dict(name="decay", params=decay, weight_decay=weight_decay),
-              dict(name="no_decay", params=no_decay, weight_decay=0.0)]
+    groups = [dict(name="decay", params=decay, weight_decay=weight_decay, trust=True),
+              dict(name="no_decay", params=no_decay, weight_decay=0.0, trust=False)]
     return [g for g in groups if g["params"]]
