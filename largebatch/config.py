@@ -127,6 +127,7 @@ class RunConfig:
     precision: str = _choice("fp32", ("fp32", "bf16", "fp16", "fp64"))  # fp64: for numerical checks
     threads: int = _range(0, 0)  # torch intra-op threads per process; 0 keeps torch's default
     log_every: int = _range(10, 1)
+    trust_log_every: int = _range(100, 0)  # steps between per-layer LARS/LAMB trust-ratio records; 0: never
     eval_every: int = _range(1, 1)
     stop_after_epochs: int = _range(0, 0)  # end this session after N epochs (resume later); 0: no limit
     checkpoint: bool = True

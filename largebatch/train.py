@@ -124,6 +124,9 @@ def _train(cfg: Config, env: DistEnv, run_dir: Path | None, resume_dir: Path | N
                 window.add(loss)
             progress.step += 1
             bar.update(1)
+            if cfg.run.trust_log_every and progress.step % cfg.run.trust_log_every == 0:
+                if ratios := _trust_ratios(model, optimizer):
+                    logger.log("trust", progress.step, **ratios)
             if progress.step % cfg.run.log_every == 0:
                 _log_window(logger, window, progress, plan, lr, epoch, sampler.steps_per_epoch, run_start)
                 bar.set_postfix(loss=f"{window.mean_loss():.4f}", lr=f"{lr:.4g}")
@@ -206,6 +209,22 @@ def _log_window(logger: RunLogger, window: _Window, progress: Progress, plan: Ba
     logger.log("train", progress.step, epoch=epoch + (progress.step - epoch * steps_per_epoch) / steps_per_epoch,
                lr=lr, loss=window.mean_loss(), images_per_s=len(window.losses) * plan.global_batch / seconds,
                elapsed_s=time.perf_counter() - run_start)
+
+
+def _trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Per-layer factor of the last step of a layer-wise optimizer (LARS `local_lr`, LAMB `trust_ratio`),
+    by parameter name, for the layers it applies to; empty for optimizers without one."""
+    names = {p: name for name, p in model.named_parameters()}
+    ratios = {}
+    for group in optimizer.param_groups:
+        if not group.get("trust", False):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            ratio = state.get("local_lr", state.get("trust_ratio"))
+            if ratio is not None:
+                ratios[names[p]] = float(ratio)
+    return ratios
 
 
 def _save(run_dir: Path | None, env: DistEnv, model, optimizer, scaler, sampler, progress: Progress) -> None:

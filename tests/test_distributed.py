@@ -17,10 +17,19 @@ SYNTHETIC = ["--data.source", "synthetic", "--data.synthetic_shape", "1,12,12", 
              "--run.progress", "false", "--run.log_every", "1"]
 
 
-def train_argv(out, name, global_batch, micro_batch, bn_batch):
-    return ["-m", "largebatch", "train", *SYNTHETIC, "--data.global_batch", str(global_batch),
-            "--data.micro_batch", str(micro_batch), "--data.bn_batch", str(bn_batch),
-            "--run.out_dir", str(out), "--run.name", name]
+# LARS with BN/bias excluded from the trust ratio: a trust coefficient large enough that the
+# layer-wise steps move the weights well beyond rounding.
+OPTIMIZER_ARGS = {
+    "sgd": [],
+    "lars": ["--optim.name", "lars", "--optim.exclude_bn_bias", "true", "--optim.trust_coefficient", "0.05",
+             "--optim.base_lr", "1.0"],
+}
+
+
+def train_argv(out, name, global_batch, micro_batch, bn_batch, optimizer="sgd"):
+    return ["-m", "largebatch", "train", *SYNTHETIC, *OPTIMIZER_ARGS[optimizer],
+            "--data.global_batch", str(global_batch), "--data.micro_batch", str(micro_batch),
+            "--data.bn_batch", str(bn_batch), "--run.out_dir", str(out), "--run.name", name]
 
 
 def parameters(run_dir):
@@ -33,12 +42,12 @@ def epoch_records(run_dir):
     return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ddp_with_accumulation_equals_one_process_with_the_global_batch(tmp_path, world_size):
+@pytest.mark.parametrize("world_size, optimizer", [(2, "sgd"), (3, "sgd"), (2, "lars")])
+def test_ddp_with_accumulation_equals_one_process_with_the_global_batch(tmp_path, world_size, optimizer):
     global_batch = 12 * world_size  # per worker 12 = 2 micro-batches of 6, BN groups of 3
-    run_ranks(train_argv(tmp_path, "ddp", global_batch, 6, 3), world_size)
-    run_python(train_argv(tmp_path, "single", global_batch, global_batch, 3))
-    run_python(train_argv(tmp_path, "other_bn", global_batch, global_batch, 6))
+    run_ranks(train_argv(tmp_path, "ddp", global_batch, 6, 3, optimizer), world_size)
+    run_python(train_argv(tmp_path, "single", global_batch, global_batch, 3, optimizer))
+    run_python(train_argv(tmp_path, "other_bn", global_batch, global_batch, 6, optimizer))
 
     ddp, single, other_bn = (parameters(tmp_path / n) for n in ("ddp", "single", "other_bn"))
     assert ddp.keys() == single.keys()

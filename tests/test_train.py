@@ -31,13 +31,13 @@ def run(tmp_path, name, *extra, resume=False):
 
 
 def test_run_directory_holds_config_metrics_events_and_checkpoint(tmp_path):
-    result = run(tmp_path, "r", "--run.target_accuracy", "0.2")
+    result = run(tmp_path, "r", "--run.target_accuracy", "0.2", "--run.trust_log_every", "4")
     run_dir = tmp_path / "r"
     assert (run_dir / CONFIG_NAME).is_file() and (run_dir / "checkpoint.pt").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     records = read_metrics(run_dir)
     kinds = [r["kind"] for r in records]
-    assert kinds[0] == "plan" and kinds.count("epoch") == 3
+    assert kinds[0] == "plan" and kinds.count("epoch") == 3 and "trust" not in kinds  # SGD has no trust ratios
     mlperf = [r["key"] for r in records if r["kind"] == "mlperf"]
     assert mlperf == ["run_start", "run_final"]
     train_lines = [r for r in records if r["kind"] == "train"]
@@ -84,7 +84,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 @pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars_mode", "larc_clip"]), ("lamb", [])])
 def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
     result = run(tmp_path, name, "--optim.name", name, "--optim.exclude_bn_bias", "true",
-                 "--optim.base_lr", "4.0", *extra)
+                 "--optim.base_lr", "4.0", "--run.trust_log_every", "4", *extra)
     assert math.isfinite(result.test.loss) and result.steps == 12
     state = load_checkpoint(tmp_path / name / "checkpoint.pt")["optimizer"]
     decay, no_decay = state["param_groups"]
@@ -92,3 +92,8 @@ def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
     ratio_key = "local_lr" if name == "lars" else "trust_ratio"
     assert all(float(state["state"][i][ratio_key]) == 1.0 for i in no_decay["params"])
     assert any(float(state["state"][i][ratio_key]) != 1.0 for i in decay["params"])
+    # Per-layer trust ratios are logged (every 100 steps by default; here every 4) for the trusted layers only.
+    records = [r for r in read_metrics(tmp_path / name) if r["kind"] == "trust"]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    layers = set(records[-1]) - {"kind", "step", "time"}
+    assert "features.0.weight" in layers and not any("bias" in k or k.startswith("features.1.") for k in layers)
