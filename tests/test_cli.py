@@ -1,6 +1,5 @@
 """The command line: help, recipe listing, and bad input reported in one line with nothing half-written."""
 
-import pytest
 from PIL import Image
 
 from largebatch.cli import main

@@ -1,13 +1,12 @@
 """Single-process training runs: run-directory contents, bit-exact resume, non-finite losses."""
 
-import json
 import math
 
 import pytest
 import torch
 
 from largebatch.checkpoint import load_checkpoint
-from largebatch.cli import main, parse_overrides, resolve_config
+from largebatch.cli import parse_overrides, resolve_config
 from largebatch.metrics import read_metrics
 from largebatch.run_dir import CONFIG_NAME, create_run_dir
 from largebatch.train import NonFiniteLossError, train

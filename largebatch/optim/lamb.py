@@ -9,13 +9,15 @@ updates, and the trust ratios stay on the device: the step never synchronises wi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
+from largebatch.optim.base import GroupwiseOptimizer
 
-class LAMB(torch.optim.Optimizer):
+
+class LAMB(GroupwiseOptimizer):
     """Layer-wise Adaptive Moments for Batch training (You et al. 2019, algorithm 2).
 
     For each parameter tensor p of a group, with gradient g, the group's lr, betas (b1, b2), eps,
@@ -56,17 +58,6 @@ class LAMB(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, trust_clip=trust_clip, trust=True)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient; returns closure() if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])

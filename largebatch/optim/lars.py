@@ -10,15 +10,17 @@ al. 2018), and the trust ratios stay on the device: the step never synchronises 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
+from largebatch.optim.base import GroupwiseOptimizer
+
 LARS_MODES = ("lars", "larc_clip", "larc_scale")
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(GroupwiseOptimizer):
     """Layer-wise Adaptive Rate Scaling, momentum SGD with a per-tensor local learning rate.
 
     For each parameter tensor p of a group, with gradient g, the group's lr, momentum m, weight decay
@@ -74,17 +76,6 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, nesterov=nesterov, mode=mode, trust=True)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient; returns closure() if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])

@@ -19,13 +19,15 @@ normalisation and bias parameters can have 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
+from largebatch.optim.base import GroupwiseOptimizer
 
-class MomentumSGD(torch.optim.Optimizer):
+
+class MomentumSGD(GroupwiseOptimizer):
     """Momentum SGD with Goyal's lr-inside-momentum form and momentum correction.
 
     Options (all per parameter group, with these defaults):
@@ -69,17 +71,6 @@ class MomentumSGD(torch.optim.Optimizer):
                         lr_in_momentum=lr_in_momentum, momentum_correction=momentum_correction,
                         foreach=foreach)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient; returns closure() if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])

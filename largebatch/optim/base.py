@@ -1,0 +1,25 @@
+"""What the project's optimizers share: a step that applies one group update to each param group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class GroupwiseOptimizer(torch.optim.Optimizer):
+    """An optimizer whose `step` runs `_step_group` on every param group (the maths lives there)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; returns closure() if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict) -> None:
+        raise NotImplementedError
