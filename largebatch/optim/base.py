@@ -23,3 +23,10 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict) -> None:
         raise NotImplementedError
+
+    def _params_with_grads(self, group: dict) -> list[torch.Tensor]:
+        """The group's parameters that have a gradient (the ones a step updates); sparse ones are refused."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return params

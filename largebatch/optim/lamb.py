@@ -68,11 +68,7 @@ class LAMB(GroupwiseOptimizer):
         exp_avg_sqs: list[Tensor] = []
         bc1: list[float] = []  # 1 - b1 ** t per parameter (1 without bias correction)
         bc2_sqrt: list[float] = []  # sqrt(1 - b2 ** t) per parameter
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("LAMB does not support sparse gradients")
+        for p in self._params_with_grads(group):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = 0

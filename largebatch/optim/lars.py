@@ -84,11 +84,7 @@ class LARS(GroupwiseOptimizer):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         bufs: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("LARS does not support sparse gradients")
+        for p in self._params_with_grads(group):
             params.append(p)
             grads.append(p.grad)
             if momentum != 0:

@@ -80,11 +80,7 @@ class MomentumSGD(GroupwiseOptimizer):
         grads: list[Tensor] = []
         bufs: list[Tensor] = []
         decays: list[float] = []  # per buffer: momentum, times lr / lr_old where the correction applies
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MomentumSGD does not support sparse gradients")
+        for p in self._params_with_grads(group):
             params.append(p)
             grads.append(p.grad)
             if momentum == 0:
