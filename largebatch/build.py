@@ -44,8 +44,8 @@ def build_optimizer_for(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         "sgd": dict(momentum=o.momentum, nesterov=o.nesterov, lr_in_momentum=o.lr_in_momentum,
                     momentum_correction=o.momentum_correction),
         "lars": dict(momentum=o.momentum, nesterov=o.nesterov, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                     mode=o.lars_mode),
-        "lamb": dict(betas=tuple(o.betas), eps=o.eps, trust_clip=o.trust_clip or None),
+                     mode=o.lars_mode, compiled=o.compiled),
+        "lamb": dict(betas=tuple(o.betas), eps=o.eps, trust_clip=o.trust_clip or None, compiled=o.compiled),
     }[o.name]
     return build_optimizer(o.name, groups, lr=peak_lr(cfg), **options)
 

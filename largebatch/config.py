@@ -90,6 +90,7 @@ class OptimConfig:
     eps: float = _range(1e-8, 0.0)  # lars / lamb denominators
     betas: tuple[float, ...] = (0.9, 0.999)  # lamb
     trust_clip: float = _range(0.0, 0.0)  # lamb: upper bound of the trust ratio; 0 for none
+    compiled: bool = False  # lars / lamb: fuse the update per tensor with torch.compile (first step compiles)
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,8 @@ def validate_relations(cfg: Config) -> None:
         raise ConfigError(f"schedule.milestones = {list(s.milestones)}: must be strictly increasing")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas = {list(cfg.optim.betas)}: must be two numbers in [0, 1)")
+    if cfg.optim.compiled and cfg.optim.name not in ("lars", "lamb"):
+        raise ConfigError(f"optim.compiled = true applies to optim.name = 'lars' or 'lamb', not {cfg.optim.name!r}")
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from largebatch.optim.base import GroupwiseOptimizer
+from largebatch.optim.compile import compiled
 
 
 class LAMB(GroupwiseOptimizer):
@@ -40,11 +41,14 @@ class LAMB(GroupwiseOptimizer):
     (m), ``exp_avg_sq`` (v) and ``trust_ratio``, a 0-dim tensor with the r of the last step, for
     logging. Parameters whose grad is None are skipped, their step count included. Sparse gradients
     are not supported.
+
+    ``compiled=True`` runs the same step as one fused expression per tensor through ``torch.compile``
+    (see ``largebatch.optim.compile``); the first step pays the compilation.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
-                 trust_clip: float | None = None) -> None:
+                 trust_clip: float | None = None, compiled: bool = False) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
@@ -58,6 +62,7 @@ class LAMB(GroupwiseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, trust_clip=trust_clip, trust=True)
         super().__init__(params, defaults)
+        self.compiled = compiled
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
@@ -88,6 +93,22 @@ class LAMB(GroupwiseOptimizer):
         if not params:
             return
 
+        if self.compiled:
+            ref = params[0]
+            as_tensor = lambda values: torch.tensor(values, dtype=ref.dtype, device=ref.device)  # noqa: E731
+            ratio = compiled(lamb_update_)(params, grads, exp_avgs, exp_avg_sqs, as_tensor(lr), as_tensor(bc1),
+                                           as_tensor(bc2_sqrt), beta1=beta1, beta2=beta2, eps=group["eps"],
+                                           weight_decay=group["weight_decay"], trust_clip=group["trust_clip"],
+                                           trust=group["trust"])
+        else:
+            ratio = self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, lr, bc1, bc2_sqrt)
+        for p, r in zip(params, ratio.unbind(0)):
+            self.state[p]["trust_ratio"] = r
+
+    def _foreach_update(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_avg_sqs: list[Tensor], lr: float, bc1: list[float], bc2_sqrt: list[float]) -> Tensor:
+        """The update of the class docstring with foreach ops; returns the trust ratios."""
+        beta1, beta2 = group["betas"]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m + (1 - b1) (g - m) = b1 m + (1 - b1) g
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -103,10 +124,9 @@ class LAMB(GroupwiseOptimizer):
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
 
         ratio = self._trust_ratios(group, params, update)
-        for p, r in zip(params, ratio.unbind(0)):
-            self.state[p]["trust_ratio"] = r.clone()
         torch._foreach_mul_(update, list(ratio.unbind(0)))
         torch._foreach_add_(params, update, alpha=-lr)
+        return ratio
 
     @staticmethod
     def _trust_ratios(group: dict, params: list[Tensor], update: list[Tensor]) -> Tensor:
@@ -121,3 +141,27 @@ class LAMB(GroupwiseOptimizer):
         if group["trust_clip"] is not None:
             ratio = torch.clamp(ratio, max=group["trust_clip"])
         return ratio
+
+
+def lamb_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 lr: Tensor, bc1: Tensor, bc2_sqrt: Tensor, *, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, trust_clip: float | None, trust: bool) -> Tensor:
+    """LAMB's step (the class docstring) written as one elementwise expression per tensor, the form
+    torch.compile fuses; updates params and moments in place and returns the trust ratios. lr and the
+    per-parameter bias corrections (1-d) are tensors so that new values do not recompile."""
+    ratios = []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        update = (m / bc1[i]) / (v.sqrt() / bc2_sqrt[i] + eps) + weight_decay * p
+        if trust:
+            w_norm = torch.linalg.vector_norm(p)
+            u_norm = torch.linalg.vector_norm(update)
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            if trust_clip is not None:
+                ratio = torch.clamp(ratio, max=trust_clip)
+        else:
+            ratio = torch.ones((), dtype=p.dtype, device=p.device)
+        p.sub_(lr * ratio * update)
+        ratios.append(ratio)
+    return torch.stack(ratios)

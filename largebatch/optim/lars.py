@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from largebatch.optim.base import GroupwiseOptimizer
+from largebatch.optim.compile import compiled
 
 LARS_MODES = ("lars", "larc_clip", "larc_scale")
 
@@ -54,11 +55,14 @@ class LARS(GroupwiseOptimizer):
     the ``local`` factor of the parameter's last step (1 in trust=False groups), for logging trust
     ratios. Parameters whose grad is None are skipped (buffer and ``local_lr`` untouched). Sparse
     gradients are not supported.
+
+    ``compiled=True`` runs the same step as one fused expression per tensor through ``torch.compile``
+    (see ``largebatch.optim.compile``); the first step pays the compilation.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, trust_coefficient: float = 0.001, eps: float = 0.0,
-                 nesterov: bool = False, mode: str = "lars") -> None:
+                 nesterov: bool = False, mode: str = "lars", compiled: bool = False) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not 0 <= momentum < 1:
@@ -76,6 +80,7 @@ class LARS(GroupwiseOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, nesterov=nesterov, mode=mode, trust=True)
         super().__init__(params, defaults)
+        self.compiled = compiled
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
@@ -95,23 +100,34 @@ class LARS(GroupwiseOptimizer):
         if not params:
             return
 
-        local = self._local_lrs(group, params, grads, lr)  # 1-d tensor, one entry per parameter
-        locals_ = local.unbind(0)
-        for p, loc in zip(params, locals_):
-            self.state[p]["local_lr"] = loc.clone()
+        if self.compiled:
+            lr_tensor = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
+            local = compiled(lars_update_)(params, grads, bufs, lr_tensor, momentum=momentum,
+                                           weight_decay=weight_decay, trust_coefficient=group["trust_coefficient"],
+                                           eps=group["eps"], nesterov=group["nesterov"],
+                                           clip=group["mode"] == "larc_clip", trust=group["trust"])
+        else:
+            local = self._local_lrs(group, params, grads, lr)  # 1-d tensor, one entry per parameter
+            self._foreach_update(params, grads, bufs, local * lr, momentum, weight_decay, group["nesterov"])
+        for p, loc in zip(params, local.unbind(0)):
+            self.state[p]["local_lr"] = loc
 
+    @staticmethod
+    def _foreach_update(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rates: Tensor,
+                        momentum: float, weight_decay: float, nesterov: bool) -> None:
+        """The update of the class docstring with foreach ops, `rates` = lr * local per parameter."""
         # d = g + beta * p, then scaled by lr * local in place: the step's one temporary per parameter.
         if weight_decay != 0:
             step = torch._foreach_add(grads, params, alpha=weight_decay)
         else:
             step = torch._foreach_mul(grads, 1.0)
-        torch._foreach_mul_(step, list((local * lr).unbind(0)))
+        torch._foreach_mul_(step, list(rates.unbind(0)))
         if not bufs:
             torch._foreach_sub_(params, step)
             return
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, step)
-        if group["nesterov"]:
+        if nesterov:
             torch._foreach_add_(step, bufs, alpha=momentum)  # m * v_new + lr * local * d
             torch._foreach_sub_(params, step)
         else:
@@ -130,3 +146,30 @@ class LARS(GroupwiseOptimizer):
         if group["mode"] == "larc_clip":
             trust = torch.clamp(trust / lr, max=1.0) if lr > 0 else torch.ones_like(trust)
         return torch.where(valid, trust, torch.ones_like(trust))
+
+
+def lars_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: Tensor, *, momentum: float,
+                 weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool, clip: bool,
+                 trust: bool) -> Tensor:
+    """LARS's step (the class docstring) written as one elementwise expression per tensor, the form
+    torch.compile fuses into one loop each; updates params and bufs (empty: no momentum) in place and
+    returns the local factors. lr is a 0-dim tensor so that a new lr does not recompile."""
+    locals_ = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if trust:
+            w_norm = torch.linalg.vector_norm(p)
+            g_norm = torch.linalg.vector_norm(g)
+            ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+            if clip:  # min(trust / lr, 1); lr = 0 gives inf, clipped to 1 as in the eager path
+                ratio = torch.clamp(ratio / lr, max=1.0)
+            local = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+        else:
+            local = torch.ones((), dtype=p.dtype, device=p.device)
+        step = (lr * local) * (g + weight_decay * p)
+        if bufs:
+            bufs[i].mul_(momentum).add_(step)
+            p.sub_(step + momentum * bufs[i] if nesterov else bufs[i])
+        else:
+            p.sub_(step)
+        locals_.append(local)
+    return torch.stack(locals_)
