@@ -128,3 +128,31 @@ def test_config_is_frozen():
     cfg = resolve_config("fmnist_goyal", {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.data.global_batch = 1
+
+
+@pytest.mark.parametrize("recipe, peak, per_gpu", [
+    ("you2018_lars", 34.0, 32),              # 32,768 on 1024 workers of 32
+    ("you2018_lars_alexnet", 10.0, 64),      # 8,192 on 128 workers
+    ("yamazaki2019", 13.0 * 81920 / 86016, 40),  # 81,920 on 2,048 GPUs of 40 (the paper's layout)
+])
+def test_lars_recipes_derive_the_papers_numbers(recipe, peak, per_gpu):
+    from largebatch.build import build_schedule, peak_lr
+
+    cfg = resolve_config(recipe, {"data.path": "/imagenet"})
+    assert cfg.optim.name == "lars" and cfg.optim.exclude_bn_bias
+    assert peak_lr(cfg) == pytest.approx(peak)
+    world = cfg.data.global_batch // per_gpu
+    plan = plan_batches(cfg.data, world)
+    assert plan.per_worker == per_gpu and plan.accum_steps == 1
+    steps_per_epoch = 1_281_167 // cfg.data.global_batch
+    schedule = build_schedule(cfg, steps_per_epoch)
+    warmup_end = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    assert schedule(warmup_end) == pytest.approx(peak, rel=0.02)
+    assert schedule(0) < 0.1 * peak  # warmup from zero
+    assert schedule(int(cfg.schedule.epochs * steps_per_epoch)) == pytest.approx(cfg.schedule.final_lr)
+
+
+def test_compiled_update_only_for_layerwise_optimizers():
+    with pytest.raises(ConfigError, match="optim.compiled"):
+        resolve_config("fmnist_goyal", {"optim.compiled": True})
+    assert resolve_config("fmnist_goyal", {"optim.compiled": True, "optim.name": "lars"}).optim.compiled
