@@ -80,7 +80,9 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert math.isfinite(result.test.loss)
 
 
-@pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars_mode", "larc_clip"]), ("lamb", [])])
+@pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars_mode", "larc_clip"]), ("lamb", []),
+                                         ("lars", ["--optim.compiled", "true"])],
+                         ids=["larc_clip", "lamb", "lars-compiled"])
 def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
     result = run(tmp_path, name, "--optim.name", name, "--optim.exclude_bn_bias", "true",
                  "--optim.base_lr", "4.0", "--run.trust_log_every", "4", *extra)
