@@ -115,23 +115,28 @@ class LARS(GroupwiseOptimizer):
     @staticmethod
     def _foreach_update(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rates: Tensor,
                         momentum: float, weight_decay: float, nesterov: bool) -> None:
-        """The update of the class docstring with foreach ops, `rates` = lr * local per parameter."""
-        # d = g + beta * p, then scaled by lr * local in place: the step's one temporary per parameter.
+        """The update of the class docstring with in-place foreach ops, `rates` = lr * local per parameter.
+
+        Per-parameter factors enter through addcmul with 0-dim tensors, so the step allocates no
+        weight-sized temporary (on CPU a fresh temporary per step costs more than the arithmetic).
+        """
+        def per_param(factors: Tensor) -> list[Tensor]:
+            return list(factors.unbind(0))
+
+        if bufs:  # v <- m v + rate * g + rate * beta * p
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_addcmul_(bufs, grads, per_param(rates))
+            if weight_decay != 0:
+                torch._foreach_addcmul_(bufs, params, per_param(rates * weight_decay))
+            if not nesterov:
+                torch._foreach_sub_(params, bufs)
+                return
+        # p <- (1 - rate * beta) p - rate * g [- m v_new]: no momentum, or Nesterov's look-ahead
         if weight_decay != 0:
-            step = torch._foreach_add(grads, params, alpha=weight_decay)
-        else:
-            step = torch._foreach_mul(grads, 1.0)
-        torch._foreach_mul_(step, list(rates.unbind(0)))
-        if not bufs:
-            torch._foreach_sub_(params, step)
-            return
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, step)
-        if nesterov:
-            torch._foreach_add_(step, bufs, alpha=momentum)  # m * v_new + lr * local * d
-            torch._foreach_sub_(params, step)
-        else:
-            torch._foreach_sub_(params, bufs)
+            torch._foreach_mul_(params, per_param(1 - rates * weight_decay))
+        torch._foreach_addcmul_(params, grads, per_param(-rates))
+        if bufs:
+            torch._foreach_add_(params, bufs, alpha=-momentum)
 
     @staticmethod
     def _local_lrs(group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> Tensor:
