@@ -114,18 +114,18 @@ class LAMB(GroupwiseOptimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
         # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + lam * p
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avgs, bc1)
-        torch._foreach_div_(update, denom)
-        del denom
+        #   = (sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)) + lam * p, built in one temporary per
+        # parameter (on CPU a fresh weight-sized temporary costs more than the arithmetic)
+        update = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(update, [group["eps"] * s for s in bc2_sqrt])
+        torch._foreach_reciprocal_(update)
+        torch._foreach_mul_(update, exp_avgs)
+        torch._foreach_mul_(update, [s / b for s, b in zip(bc2_sqrt, bc1)])
         if group["weight_decay"] != 0:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
 
         ratio = self._trust_ratios(group, params, update)
-        torch._foreach_mul_(update, list(ratio.unbind(0)))
-        torch._foreach_add_(params, update, alpha=-lr)
+        torch._foreach_addcmul_(params, update, list((ratio * -lr).unbind(0)))
         return ratio
 
     @staticmethod
