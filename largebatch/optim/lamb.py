@@ -94,8 +94,9 @@ class LAMB(GroupwiseOptimizer):
             return
 
         if self.compiled:
-            ref = params[0]
-            as_tensor = lambda values: torch.tensor(values, dtype=ref.dtype, device=ref.device)  # noqa: E731
+            def as_tensor(values: float | list[float]) -> Tensor:
+                return torch.tensor(values, dtype=params[0].dtype, device=params[0].device)
+
             ratio = compiled(lamb_update_)(params, grads, exp_avgs, exp_avg_sqs, as_tensor(lr), as_tensor(bc1),
                                            as_tensor(bc2_sqrt), beta1=beta1, beta2=beta2, eps=group["eps"],
                                            weight_decay=group["weight_decay"], trust_clip=group["trust_clip"],
