@@ -30,3 +30,10 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         return params
+
+    def _state_tensor(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        """The parameter's state tensor `name` (a momentum buffer, a moment), zeros like p on first use."""
+        state = self.state[p]
+        if name not in state:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state[name]

@@ -75,15 +75,11 @@ class LAMB(GroupwiseOptimizer):
         bc2_sqrt: list[float] = []  # sqrt(1 - b2 ** t) per parameter
         for p in self._params_with_grads(group):
             state = self.state[p]
-            if "step" not in state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] = t = int(state["step"]) + 1
+            state["step"] = t = int(state.get("step", 0)) + 1
             params.append(p)
             grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avgs.append(self._state_tensor(p, "exp_avg"))
+            exp_avg_sqs.append(self._state_tensor(p, "exp_avg_sq"))
             if group["bias_correction"]:
                 bc1.append(1 - beta1 ** t)
                 bc2_sqrt.append(math.sqrt(1 - beta2 ** t))

@@ -93,10 +93,7 @@ class LARS(GroupwiseOptimizer):
             params.append(p)
             grads.append(p.grad)
             if momentum != 0:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(state["momentum_buffer"])
+                bufs.append(self._state_tensor(p, "momentum_buffer"))
         if not params:
             return
 

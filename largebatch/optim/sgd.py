@@ -85,10 +85,8 @@ class MomentumSGD(GroupwiseOptimizer):
             grads.append(p.grad)
             if momentum == 0:
                 continue
+            bufs.append(self._state_tensor(p, "momentum_buffer"))
             state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
             decay = momentum
             if lr_inside:
                 old_lr = state.get("momentum_lr", lr)
