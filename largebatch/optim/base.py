@@ -24,12 +24,13 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict) -> None:
         raise NotImplementedError
 
-    def _params_with_grads(self, group: dict) -> list[torch.Tensor]:
-        """The group's parameters that have a gradient (the ones a step updates); sparse ones are refused."""
+    def _params_and_grads(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The group's parameters that have a gradient (the ones a step updates) and those gradients;
+        sparse gradients are refused."""
         params = [p for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        return params
+        return params, [p.grad for p in params]
 
     def _state_tensor(self, p: torch.Tensor, name: str) -> torch.Tensor:
         """The parameter's state tensor `name` (a momentum buffer, a moment), zeros like p on first use."""

@@ -67,27 +67,19 @@ class LAMB(GroupwiseOptimizer):
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        bc1: list[float] = []  # 1 - b1 ** t per parameter (1 without bias correction)
-        bc2_sqrt: list[float] = []  # sqrt(1 - b2 ** t) per parameter
-        for p in self._params_with_grads(group):
-            state = self.state[p]
-            state["step"] = t = int(state.get("step", 0)) + 1
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(self._state_tensor(p, "exp_avg"))
-            exp_avg_sqs.append(self._state_tensor(p, "exp_avg_sq"))
-            if group["bias_correction"]:
-                bc1.append(1 - beta1 ** t)
-                bc2_sqrt.append(math.sqrt(1 - beta2 ** t))
-            else:
-                bc1.append(1.0)
-                bc2_sqrt.append(1.0)
+        params, grads = self._params_and_grads(group)
         if not params:
             return
+        exp_avgs = [self._state_tensor(p, "exp_avg") for p in params]
+        exp_avg_sqs = [self._state_tensor(p, "exp_avg_sq") for p in params]
+        bc1: list[float] = []  # 1 - b1 ** t per parameter (1 without bias correction)
+        bc2_sqrt: list[float] = []  # sqrt(1 - b2 ** t) per parameter
+        for p in params:
+            state = self.state[p]
+            state["step"] = t = int(state.get("step", 0)) + 1
+            bias_correction = group["bias_correction"]
+            bc1.append(1 - beta1 ** t if bias_correction else 1.0)
+            bc2_sqrt.append(math.sqrt(1 - beta2 ** t) if bias_correction else 1.0)
 
         if self.compiled:
             def as_tensor(values: float | list[float]) -> Tensor:

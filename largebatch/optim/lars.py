@@ -86,16 +86,10 @@ class LARS(GroupwiseOptimizer):
         lr = float(group["lr"])
         momentum = group["momentum"]
         weight_decay = group["weight_decay"]
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        bufs: list[Tensor] = []
-        for p in self._params_with_grads(group):
-            params.append(p)
-            grads.append(p.grad)
-            if momentum != 0:
-                bufs.append(self._state_tensor(p, "momentum_buffer"))
+        params, grads = self._params_and_grads(group)
         if not params:
             return
+        bufs = [self._state_tensor(p, "momentum_buffer") for p in params] if momentum != 0 else []
 
         if self.compiled:
             lr_tensor = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)

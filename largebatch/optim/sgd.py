@@ -76,15 +76,12 @@ class MomentumSGD(GroupwiseOptimizer):
         lr = float(group["lr"])
         momentum = group["momentum"]
         lr_inside = group["lr_in_momentum"]
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
+        params, grads = self._params_and_grads(group)
+        if not params:
+            return
         bufs: list[Tensor] = []
         decays: list[float] = []  # per buffer: momentum, times lr / lr_old where the correction applies
-        for p in self._params_with_grads(group):
-            params.append(p)
-            grads.append(p.grad)
-            if momentum == 0:
-                continue
+        for p in params if momentum != 0 else []:
             bufs.append(self._state_tensor(p, "momentum_buffer"))
             state = self.state[p]
             decay = momentum
@@ -94,8 +91,6 @@ class MomentumSGD(GroupwiseOptimizer):
                     decay = momentum * (lr / old_lr)
                 state["momentum_lr"] = lr
             decays.append(decay)
-        if not params:
-            return
         options = dict(lr=lr, weight_decay=group["weight_decay"], nesterov=group["nesterov"], lr_inside=lr_inside,
                        momentum=momentum)
         foreach = group["foreach"]
