@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from largebatch.cli import resolve_config
-from largebatch.run_dir import create_run_dir
-from largebatch.train import train
+import largebatch
 
 RESULTS = Path(__file__).parent / "results"
 RECIPE = "fmnist_lars16k"
@@ -32,7 +30,7 @@ RECIPE = "fmnist_lars16k"
 
 def sgd_overrides(base_lr: float) -> dict:
     return {"optim.name": "sgd", "optim.base_lr": base_lr, "optim.ref_batch": 256, "optim.scaling": "linear",
-            "optim.lr_in_momentum": True, "optim.momentum_correction": True, "schedule.warmup_from": "base_lr"}
+            "optim.sgd.lr_in_momentum": True, "optim.sgd.momentum_correction": True, "schedule.warmup_from": "base_lr"}
 
 
 def final_accuracy(overrides: dict, seed: int, epochs: float | None) -> tuple[float, float]:
@@ -40,11 +38,9 @@ def final_accuracy(overrides: dict, seed: int, epochs: float | None) -> tuple[fl
     overrides = {**overrides, "run.seed": seed, "run.progress": False, "run.checkpoint": False}
     if epochs is not None:
         overrides["schedule.epochs"] = epochs
-    cfg = resolve_config(RECIPE, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        create_run_dir(run_dir, cfg, overwrite=False)
-        result = train(cfg, run_dir)
+        cfg = largebatch.load_config(RECIPE, overrides | {"run.out_dir": tmp})
+        result = largebatch.run(cfg)
     return result.test.accuracy, result.wall_s
 
 
@@ -65,7 +61,7 @@ def main() -> None:
     for name, r in results.items():
         accs = " ".join(f"{100 * a:.2f}" for a in r["accuracy"])
         print(f"{name:<44}{accs:>28}{100 * statistics.mean(r['accuracy']):>8.2f}%")
-    cfg = resolve_config(RECIPE, {} if args.epochs is None else {"schedule.epochs": args.epochs})
+    cfg = largebatch.load_config(RECIPE, {} if args.epochs is None else {"schedule.epochs": args.epochs})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lars_vs_sgd.json").write_text(json.dumps({
         "benchmark": "lars_vs_sgd", "recipe": RECIPE, "global_batch": cfg.data.global_batch,

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from largebatch.cli import parse_overrides, resolve_config
+import largebatch
+from largebatch.cli import parse_overrides
 from largebatch.data import load_splits
 from largebatch.metrics import read_metrics
 from largebatch.models import build_model
-from largebatch.run_dir import create_run_dir
-from largebatch.train import train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,15 +58,13 @@ def hand_loop_images_per_s(model_name: str, global_batch: int, steps: int, warmu
 def trainer_images_per_s(model_name: str, global_batch: int, steps: int, warmup: int) -> float:
     steps_per_epoch = 60000 // global_batch
     with tempfile.TemporaryDirectory() as out:
-        cfg = resolve_config("fmnist_goyal", parse_overrides([
+        cfg = largebatch.load_config("fmnist_goyal", parse_overrides([
             "--model.name", model_name, "--model.channels_last", "true", "--data.global_batch", str(global_batch),
             "--data.micro_batch", "0", "--data.bn_batch", "0",
             "--data.augment", "none", "--schedule.epochs", str((warmup + steps) / steps_per_epoch),
             "--schedule.warmup_epochs", "0", "--schedule.decay", "none", "--run.log_every", str(warmup),
             "--run.checkpoint", "false", "--run.progress", "false", "--run.out_dir", out, "--run.name", "bench"]))
-        run_dir = Path(out) / "bench"
-        create_run_dir(run_dir, cfg, overwrite=False)
-        train(cfg, run_dir)
+        run_dir = largebatch.run(cfg).run_dir
         windows = [r for r in read_metrics(run_dir) if r["kind"] == "train"][1:]  # drop the warm-up window
     # Each window logs images/s over `warmup` steps; equal-sized windows, so the harmonic mean is exact.
     return statistics.harmonic_mean([w["images_per_s"] for w in windows])

@@ -1,20 +1,30 @@
-"""Turning the validated config into components. The only place that maps config sections onto
+"""Turning the validated config into components: the only place that maps config fields onto
 constructor arguments, shared by training and evaluation so both build the very same model.
+`build_run` assembles a whole run (`largebatch.state.RunState`) once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from largebatch.config import BatchPlan, Config
+from largebatch.config import Config, plan_batches
 from largebatch.data import DataSplits, load_splits
+from largebatch.data.sampler import GlobalBatchSampler
+from largebatch.dist import DistEnv, wrap_model
+from largebatch.extensions import Extension, StepContext
+from largebatch.extensions.grad_clip import GradClip
+from largebatch.extensions.trust_ratios import TrustRatioLog
+from largebatch.metrics import RunLogger
 from largebatch.models import build_model
-from largebatch.precision import param_dtype
 from largebatch.optim import build_optimizer, param_groups
-from largebatch.schedule import LrSchedule, scaled_lr
+from largebatch.plan import RunPlan, lr_schedule
+from largebatch.precision import autocast_factory, grad_scaler, param_dtype
+from largebatch.state import RunState
 
 
 def build_data(cfg: Config) -> DataSplits:
@@ -24,54 +34,73 @@ def build_data(cfg: Config) -> DataSplits:
                        synthetic_test=d.synthetic_test, seed=cfg.run.seed)
 
 
-def build_network(cfg: Config, splits: DataSplits, plan: BatchPlan, device: torch.device) -> nn.Module:
-    """The model, seeded identically on every rank, with ghost BN when BN groups are smaller than
-    the micro-batch (BN statistics over a fixed per-worker batch, Goyal et al. §5.1)."""
+def build_network(cfg: Config, splits: DataSplits, device: torch.device, ghost_bn_batch: int = 0) -> nn.Module:
+    """The model, seeded identically on every rank. `ghost_bn_batch` > 0 takes BN statistics over
+    groups of that many samples inside each forward pass (BN over a fixed per-worker batch, Goyal et
+    al. §5.1); the state dict is the same either way, so evaluation builds it with plain BN."""
     m = cfg.model
     torch.manual_seed(cfg.run.seed)
     model = build_model(m.name, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size, zero_init_residual=m.zero_init_residual,
-                        bn_batch=plan.bn_batch if plan.bn_batch < plan.micro_batch else 0,
-                        bn_momentum=m.bn_momentum, bn_eps=m.bn_eps)
-    memory_format = torch.channels_last if m.channels_last else torch.preserve_format
-    return model.to(device=device, dtype=param_dtype(cfg.run.precision), memory_format=memory_format)
+                        bn_batch=ghost_bn_batch, bn_momentum=m.bn_momentum, bn_eps=m.bn_eps)
+    return model.to(device=device, dtype=param_dtype(cfg.run.precision), memory_format=memory_format(cfg))
 
 
-def build_optimizer_for(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.model.channels_last else torch.preserve_format
+
+
+def build_optimizer_for(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The configured optimizer with its own options (`optim.<name>`), starting at `lr`."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay, o.exclude_bn_bias)
-    options = {
-        "sgd": dict(momentum=o.momentum, nesterov=o.nesterov, lr_in_momentum=o.lr_in_momentum,
-                    momentum_correction=o.momentum_correction),
-        "lars": dict(momentum=o.momentum, nesterov=o.nesterov, trust_coefficient=o.trust_coefficient, eps=o.eps,
-                     mode=o.lars_mode, compiled=o.compiled),
-        "lamb": dict(betas=tuple(o.betas), eps=o.eps, trust_clip=o.trust_clip or None, compiled=o.compiled),
-    }[o.name]
-    return build_optimizer(o.name, groups, lr=peak_lr(cfg), **options)
-
-
-def peak_lr(cfg: Config) -> float:
-    """The learning rate after warmup: base_lr stated for ref_batch, scaled to the global batch."""
-    o = cfg.optim
-    return scaled_lr(o.base_lr, cfg.data.global_batch, o.ref_batch, o.scaling)
-
-
-def build_schedule(cfg: Config, steps_per_epoch: int) -> LrSchedule:
-    s, o = cfg.schedule, cfg.optim
-    return LrSchedule.from_base_lr(
-        o.base_lr, global_batch=cfg.data.global_batch, ref_batch=o.ref_batch, rule=o.scaling,
-        steps_per_epoch=steps_per_epoch, total_epochs=s.epochs, warmup_from=s.warmup_from,
-        warmup_epochs=s.warmup_epochs, warmup_mode=s.warmup_mode, decay=s.decay, milestones=tuple(s.milestones),
-        gamma=s.gamma, poly_power=s.poly_power, final_lr=s.final_lr)
+    return build_optimizer(o.name, param_groups(model, o.weight_decay, o.exclude_bn_bias), lr=lr,
+                           options=getattr(o, o.name))
 
 
 def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Moves a batch to the device in the model's dtype and memory format (the same in train and eval)."""
     dtype = param_dtype(cfg.run.precision)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
+    layout = memory_format(cfg)
 
     def place(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (x.to(device, dtype, non_blocking=True, memory_format=memory_format),
-                y.to(device, non_blocking=True))
+        return x.to(device, dtype, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
 
     return place
+
+
+def builtin_extensions(cfg: Config) -> list[Extension]:
+    """The extensions the config asks for: gradient clipping, trust-ratio logging."""
+    extensions: list[Extension] = []
+    if cfg.optim.clip_grad_norm > 0:
+        extensions.append(GradClip(cfg.optim.clip_grad_norm))
+    if cfg.run.trust_log_every > 0:
+        extensions.append(TrustRatioLog(cfg.run.trust_log_every))
+    return extensions
+
+
+def build_run(cfg: Config, env: DistEnv, run_dir: Path | None,
+              extensions: Sequence[Extension] = ()) -> RunState:
+    """Every part of a run, built once on this rank; `run_dir` is where this rank writes (None: nowhere)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    batches = plan_batches(cfg.data, env.world_size)
+    splits = build_data(cfg)
+    sampler = GlobalBatchSampler(len(splits.train), batches, env.rank, cfg.run.seed)
+    plan = RunPlan(batches, sampler.steps_per_epoch, lr_schedule(cfg, sampler.steps_per_epoch))
+    model = build_network(cfg, splits, env.device, batches.ghost_bn_batch)
+    ddp_model = wrap_model(model, env, cfg.dist)
+    optimizer = build_optimizer_for(cfg, model, lr=plan.schedule(0))
+    all_extensions = [*builtin_extensions(cfg), *extensions]
+    state = RunState(
+        cfg=cfg, env=env, plan=plan, splits=splits, model=model, ddp_model=ddp_model, optimizer=optimizer,
+        scaler=grad_scaler(cfg.run.precision, env.device), sampler=sampler,
+        autocast=autocast_factory(cfg.run.precision, env.device),
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+        place=input_placement(cfg, env.device), logger=RunLogger(run_dir), extensions=all_extensions)
+    context = StepContext(model, optimizer, plan, state.collectives, state.logger.log)
+    for extension in all_extensions:
+        extension.attach(context)
+    # Same seed everywhere built the same model; from here on each rank draws its own augmentations.
+    torch.manual_seed(cfg.run.seed + 1 + env.rank)
+    random.seed(cfg.run.seed + 1 + env.rank)
+    return state

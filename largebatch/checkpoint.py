@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 
+from largebatch.errors import CheckpointError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not one of ours; the message names the path."""
 
 
 def save_atomic(obj: Any, path: Path) -> None:

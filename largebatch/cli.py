@@ -1,25 +1,29 @@
-"""Command-line entry points: `largebatch train | eval | recipes`.
+"""Command-line entry points: `largebatch train | eval | config | recipes`.
 
-Options of the form `--section.field VALUE` (or `--section.field=VALUE`) override the recipe;
-everything is validated into a Config before a process group, a run directory or a dataset is touched.
+Options of the form `--section.field VALUE` (or `--section.field=VALUE`, `--optim.lars.mode VALUE`)
+override the recipe; everything is validated into a Config before a process group, a run directory
+or a dataset is touched. Listing recipes, printing a config and every --help run without torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from largebatch import recipes
-from largebatch.config import Config, ConfigError, apply_overrides, config_from_dict, parse_override_value, plan_batches
-from largebatch.run_dir import CONFIG_NAME, check_new_run_dir, create_run_dir, require_run, resolve_run_dir
+from largebatch.api import check_data_path, is_main_process, launched_world_size, load_config, run
+from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
+from largebatch.errors import UserError
+from largebatch.plan import peak_lr
+from largebatch.run_dir import to_toml
 
-EPILOG = ("Any field of the recipe can be overridden as --section.field VALUE, e.g. --data.global_batch 4096 "
-          "--optim.base_lr 0.2 --schedule.milestones 30,60,80. Sections: data, model, optim, schedule, dist, run. "
-          "Run under torchrun for several processes or machines: torchrun --nproc-per-node 2 -m largebatch train ...")
+USAGE_NOTE = ("Any field of the recipe can be overridden as --section.field VALUE (lists as 30,60,80), e.g. "
+              "--data.global_batch 4096 --optim.base_lr 0.2 --optim.lars.trust_coefficient 0.002. "
+              "Run under torchrun for several processes or machines: "
+              "torchrun --nproc-per-node 2 -m largebatch train ...")
 
 
 def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
@@ -39,51 +43,19 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def resolve_config(recipe: str, overrides: dict[str, Any], resume_dir: Path | None = None) -> Config:
-    """Recipe (or a resumed run's saved config) + overrides -> a validated Config."""
-    if resume_dir is not None:
-        name, tree = recipes.load(str(resume_dir / CONFIG_NAME))
-    else:
-        name, tree = recipes.load(recipe)
-    return config_from_dict(apply_overrides(tree, overrides), recipe=name)
-
-
-def launched_world_size() -> int:
-    """World size as torchrun announces it (1 without torchrun), read without importing torch."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_data_path(cfg: Config) -> None:
-    """The dataset must exist before any process group starts or any run directory is made."""
-    if cfg.data.path and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path = {cfg.data.path!r} does not exist")
-
-
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    resume_dir = Path(args.resume) if args.resume else None
-    if resume_dir is not None:
-        if args.overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other")
-        require_run(resume_dir)
-    cfg = resolve_config(args.recipe, parse_overrides(extra), resume_dir)
-    plan_batches(cfg.data, launched_world_size())
-    check_data_path(cfg)
-    run_dir = resume_dir or resolve_run_dir(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and resume_dir is None:
-        check_new_run_dir(run_dir, overwrite=args.overwrite)
-        create_run_dir(run_dir, cfg, overwrite=args.overwrite)
-    from largebatch.train import train
-
-    result = train(cfg, run_dir, resume=resume_dir is not None)
-    if is_main:
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    cfg = load_config(args.recipe, parse_overrides(extra), resume_dir=args.resume)
+    result = run(cfg, args.resume, resume=args.resume is not None, overwrite=args.overwrite)
+    if is_main_process():
         if result.test is not None:
             print(f"final test accuracy: {100 * result.test.accuracy:.2f}% (loss {result.test.loss:.4f}, "
                   f"{result.test.samples} samples) after {result.epochs} epochs, {result.steps} steps, "
                   f"{result.wall_s:.1f} s on {launched_world_size()} process(es)")
         if result.time_to_accuracy_s is not None:
             print(f"time to {100 * cfg.run.target_accuracy:.1f}% accuracy: {result.time_to_accuracy_s:.1f} s")
-        print(f"run directory: {run_dir}")
+        print(f"run directory: {result.run_dir}")
     return 0
 
 
@@ -91,13 +63,28 @@ def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from largebatch.checkpoint import CHECKPOINT_NAME
     from largebatch.evaluate import evaluate_checkpoint
 
-    run_dir = Path(args.run_dir)
-    require_run(run_dir)
-    cfg = resolve_config("", parse_overrides(extra), run_dir)
+    cfg = load_config(overrides=parse_overrides(extra), resume_dir=args.run_dir)
     check_data_path(cfg)
-    result = evaluate_checkpoint(cfg, Path(args.checkpoint) if args.checkpoint else run_dir / CHECKPOINT_NAME)
+    result = evaluate_checkpoint(cfg, Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / CHECKPOINT_NAME)
     if result is not None:
         print(f"test accuracy: {100 * result.accuracy:.2f}%  loss {result.loss:.4f}  samples {result.samples}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """The resolved config as TOML, then the derived batch plan and peak lr as TOML comments."""
+    cfg = load_config(args.recipe, parse_overrides(extra), resume_dir=args.resume)
+    world = args.world_size or launched_world_size()
+    b = plan_batches(cfg.data, world)
+    o = cfg.optim
+    print(to_toml(cfg), end="")
+    print(f"\n# derived for {world} process(es):\n"
+          f"# global batch {b.global_batch} = {world} workers x {b.accum_steps} micro-batches x {b.micro_batch} "
+          f"samples; BN statistics over groups of {b.bn_batch}"
+          f"{' (ghost BN)' if b.ghost_bn_batch else ''}\n"
+          f"# peak lr {peak_lr(cfg):.6g} = base_lr {o.base_lr:g} for {o.ref_batch}, {o.scaling} scaling to "
+          f"{b.global_batch}; warmup {cfg.schedule.warmup_epochs:g} epochs ({cfg.schedule.warmup_mode}) from "
+          f"{o.base_lr if cfg.schedule.warmup_from == 'base_lr' else 0:g}")
     return 0
 
 
@@ -116,18 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="largebatch", description="Large-mini-batch synchronous SGD for image "
                                      "classifiers (Goyal et al. 2017 and successors).")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a model from a recipe", epilog=EPILOG)
-    train.add_argument("--recipe", default=recipes.DEFAULT_RECIPE,
-                       help=f"recipe name (see `largebatch recipes`) or path to a TOML file; default "
-                            f"{recipes.DEFAULT_RECIPE}")
+    fields_help = f"{USAGE_NOTE}\n\nfields (default, [allowed], meaning):\n{describe_fields()}"
+    recipe_help = (f"recipe name (see `largebatch recipes`) or path to a TOML file; default "
+                   f"{recipes.DEFAULT_RECIPE}")
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=fields_help,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(func=func)
+        return sub
+
+    train = command("train", "train a model from a recipe", cmd_train)
+    train.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                       "(its saved config, plus any overrides)")
+                       "(its saved config, plus any overrides, which become the run's config)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    train.set_defaults(func=cmd_train)
-    evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on its test set", epilog=EPILOG)
+    evaluate = command("eval", "evaluate a run's checkpoint on its test set", cmd_eval)
     evaluate.add_argument("run_dir", help="a run directory (holds config.toml and checkpoint.pt)")
     evaluate.add_argument("--checkpoint", help="a checkpoint other than RUN_DIR/checkpoint.pt")
-    evaluate.set_defaults(func=cmd_eval)
+    config = command("config", "print the resolved config (TOML) with the derived batch plan and peak lr", cmd_config)
+    config.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
+    config.add_argument("--resume", metavar="RUN_DIR", help="start from the config of the run in RUN_DIR")
+    config.add_argument("--world-size", type=int, default=0, help="processes to plan for (default: torchrun's "
+                        "WORLD_SIZE, else 1)")
     listing = commands.add_parser("recipes", help="list the built-in recipes, one line each")
     listing.set_defaults(func=cmd_recipes)
     return parser
@@ -136,11 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from largebatch.errors import USER_ERRORS
-
     try:
         return args.func(args, extra)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"largebatch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

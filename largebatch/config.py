@@ -1,9 +1,11 @@
 """The one configuration flow: TOML recipe -> CLI overrides -> a validated, frozen dataclass tree.
 
-Every field carries its allowed values in its metadata, so a single validator can name the field,
-the value given and what is allowed, before any process group starts. The batch plan (world size,
-micro-batches, accumulation) is derived here too, because a global batch that does not divide is a
-configuration error, not a runtime one.
+Every field carries its default, its allowed values and a line of help in its metadata
+(`largebatch.fields`), so a single validator can name the field, the value given and what is
+allowed, before any process group starts, and `largebatch train --help` lists them all. A field
+whose type is itself a dataclass is a sub-table: `[optim.lars]` in TOML, `--optim.lars.mode` on the
+command line. The batch plan (world size, micro-batches, accumulation) is derived here too, because
+a global batch that does not divide is a configuration error, not a runtime one. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,26 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the field, the value and what is allowed."""
-
-
-def _choice(default, choices):
-    return field(default=default, metadata={"choices": tuple(choices)})
-
-
-def _range(default, lo=None, hi=None, *, lo_open=False):
-    return field(default=default, metadata={"min": lo, "max": hi, "lo_open": lo_open})
-
+from largebatch.errors import ConfigError
+from largebatch.fields import allowed, choice, number, plain
+from largebatch.optim.registry import LARS_MODES, OPTIMIZERS
 
 # Allowed values are spelled here rather than imported from the component modules so that a recipe can
 # be validated (and `largebatch recipes` listed) without importing torch; tests check both lists agree.
 DATA_SOURCES = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
 AUGMENTS = ("auto", "none", "flip", "crop_flip", "imagenet")
 MODEL_NAMES = ("small_cnn", "resnet20", "resnet56", "resnet18", "resnet50", "alexnet_bn")
-OPTIMIZER_NAMES = ("sgd", "lars", "lamb")
-LARS_MODES = ("lars", "larc_clip", "larc_scale")
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_MODES = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "poly", "none")
@@ -45,96 +37,95 @@ DECAYS = ("step", "cosine", "poly", "none")
 class DataConfig:
     """What to train on and how the global batch is cut into worker, micro and BN batches."""
 
-    source: str = _choice("fashion_mnist", DATA_SOURCES)
-    path: str = ""
-    augment: str = _choice("auto", AUGMENTS)
-    global_batch: int = _range(256, 1)
-    micro_batch: int = _range(0, 0)  # largest forward pass per device; 0: the whole per-worker batch
-    bn_batch: int = _range(32, 0)  # 0: BN statistics over the whole micro-batch
-    eval_batch: int = _range(1000, 1)
-    workers: int = _range(0, 0)
-    synthetic_shape: tuple[int, ...] = (3, 32, 32)
-    synthetic_classes: int = _range(10, 2)
-    synthetic_train: int = _range(1024, 1)
-    synthetic_test: int = _range(256, 1)
+    source: str = choice("fashion_mnist", DATA_SOURCES, "dataset format (fashion_mnist is embedded)")
+    path: str = plain("", "file or directory of the dataset (not for fashion_mnist, synthetic)")
+    augment: str = choice("auto", AUGMENTS, "training augmentation; auto: by dataset")
+    global_batch: int = number(256, 1, help="kn: samples per optimizer step over all workers")
+    micro_batch: int = number(0, 0, help="largest forward pass per device; 0: the whole per-worker batch")
+    bn_batch: int = number(32, 0, help="n: samples per BN statistics group; 0: the whole micro-batch")
+    eval_batch: int = number(1000, 1, help="samples per evaluation forward pass")
+    workers: int = number(0, 0, help="DataLoader worker processes per rank")
+    synthetic_shape: tuple[int, ...] = plain((3, 32, 32), "synthetic images: [channels, height, width]")
+    synthetic_classes: int = number(10, 2, help="synthetic: number of classes")
+    synthetic_train: int = number(1024, 1, help="synthetic: training samples")
+    synthetic_test: int = number(256, 1, help="synthetic: test samples")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network, and the BN and memory-layout details Goyal et al. found to matter."""
 
-    name: str = _choice("small_cnn", MODEL_NAMES)
-    zero_init_residual: bool = False
-    bn_momentum: float = _range(0.1, 0.0, 1.0)
-    bn_eps: float = _range(1e-5, 0.0, lo_open=True)
-    channels_last: bool = False
+    name: str = choice("small_cnn", MODEL_NAMES, "network")
+    zero_init_residual: bool = plain(False, "zero-initialise the last BN gamma of each residual block")
+    bn_momentum: float = number(0.1, 0.0, 1.0, help="BN running-statistics momentum (torch's convention)")
+    bn_eps: float = number(1e-5, 0.0, lo_open=True, help="BN epsilon")
+    channels_last: bool = plain(False, "NHWC memory format for weights and inputs")
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimCommon:
     """The optimizer and its learning rate, stated for `ref_batch` and scaled to the global batch."""
 
-    name: str = _choice("sgd", OPTIMIZER_NAMES)
-    base_lr: float = _range(0.1, 0.0, lo_open=True)
-    ref_batch: int = _range(256, 1)
-    scaling: str = _choice("linear", SCALING_RULES)
-    momentum: float = _range(0.9, 0.0, 1.0)
-    nesterov: bool = False
-    weight_decay: float = _range(1e-4, 0.0)
-    exclude_bn_bias: bool = False
-    lr_in_momentum: bool = True  # sgd only
-    momentum_correction: bool = True  # sgd only
-    label_smoothing: float = _range(0.0, 0.0, 1.0)
-    trust_coefficient: float = _range(0.001, 0.0, lo_open=True)  # lars: eta in eta*|w|/(|g| + wd*|w|)
-    lars_mode: str = _choice("lars", LARS_MODES)
-    eps: float = _range(1e-8, 0.0)  # lars / lamb denominators
-    betas: tuple[float, ...] = (0.9, 0.999)  # lamb
-    trust_clip: float = _range(0.0, 0.0)  # lamb: upper bound of the trust ratio; 0 for none
-    compiled: bool = False  # lars / lamb: fuse the update per tensor with torch.compile (first step compiles)
+    name: str = choice("sgd", OPTIMIZER_NAMES, "optimizer; its options are the table optim.<name>")
+    base_lr: float = number(0.1, 0.0, lo_open=True, help="learning rate at ref_batch")
+    ref_batch: int = number(256, 1, help="the batch base_lr is stated for")
+    scaling: str = choice("linear", SCALING_RULES, "how the lr scales from ref_batch to global_batch")
+    weight_decay: float = number(1e-4, 0.0, help="L2 coefficient (decoupled for lamb)")
+    exclude_bn_bias: bool = plain(False, "no weight decay and no trust ratio for BN and bias parameters")
+    label_smoothing: float = number(0.0, 0.0, 1.0, help="label smoothing of the cross-entropy")
+    clip_grad_norm: float = number(0.0, 0.0, help="clip the averaged gradient to this global L2 norm; 0: off")
+
+
+# One sub-table per registered optimizer, holding that optimizer's own options with their defaults.
+OptimConfig = dataclasses.make_dataclass(
+    "OptimConfig", [(name, entry.options, field(default_factory=entry.options)) for name, entry in OPTIMIZERS.items()],
+    bases=(OptimCommon,), frozen=True)
+OptimConfig.__module__ = __name__
+OptimConfig.__doc__ = OptimCommon.__doc__ + " Each optimizer's options are the sub-table of its name."
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Epoch-based, per-iteration learning-rate schedule: warmup then decay."""
 
-    epochs: float = _range(90.0, 0.0, lo_open=True)
-    warmup_epochs: float = _range(5.0, 0.0)
-    warmup_mode: str = _choice("gradual", WARMUP_MODES)
-    warmup_from: str = _choice("base_lr", ("base_lr", "zero"))
-    decay: str = _choice("step", DECAYS)
-    milestones: tuple[float, ...] = (30.0, 60.0, 80.0)
-    gamma: float = _range(0.1, 0.0, 1.0, lo_open=True)
-    poly_power: float = _range(2.0, 0.0, lo_open=True)
-    final_lr: float = _range(0.0, 0.0)
+    epochs: float = number(90.0, 0.0, lo_open=True, help="length of the run")
+    warmup_epochs: float = number(5.0, 0.0, help="length of the warmup")
+    warmup_mode: str = choice("gradual", WARMUP_MODES, "gradual: linear ramp to the peak; constant: then a jump")
+    warmup_from: str = choice("base_lr", ("base_lr", "zero"), "where the warmup starts")
+    decay: str = choice("step", DECAYS, "decay after warmup")
+    milestones: tuple[float, ...] = plain((30.0, 60.0, 80.0), "step decay: epochs at which lr *= gamma")
+    gamma: float = number(0.1, 0.0, 1.0, lo_open=True, help="step decay factor")
+    poly_power: float = number(2.0, 0.0, lo_open=True, help="poly decay power")
+    final_lr: float = number(0.0, 0.0, help="cosine / poly: lr at the end")
 
 
 @dataclass(frozen=True)
 class DistConfig:
     """How processes talk; world size and rank come from torchrun's environment, not from here."""
 
-    device: str = _choice("auto", ("auto", "cpu", "cuda"))
-    backend: str = _choice("auto", ("auto", "gloo", "nccl"))
-    bucket_cap_mb: float = _range(25.0, 0.0, lo_open=True)
-    broadcast_buffers: bool = True
+    device: str = choice("auto", ("auto", "cpu", "cuda"), "auto: cuda when visible")
+    backend: str = choice("auto", ("auto", "gloo", "nccl"), "auto: nccl on cuda, gloo on cpu")
+    bucket_cap_mb: float = number(25.0, 0.0, lo_open=True, help="DDP gradient bucket size")
+    broadcast_buffers: bool = plain(True, "DDP: broadcast rank 0's BN buffers every forward")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Where the run writes, how often, with which seed and numeric precision."""
 
-    out_dir: str = "runs"
-    name: str = ""  # run directory name under out_dir; default: recipe name + timestamp
-    seed: int = _range(0, 0)
-    precision: str = _choice("fp32", ("fp32", "bf16", "fp16", "fp64"))  # fp64: for numerical checks
-    threads: int = _range(0, 0)  # torch intra-op threads per process; 0 keeps torch's default
-    log_every: int = _range(10, 1)
-    trust_log_every: int = _range(100, 0)  # steps between per-layer LARS/LAMB trust-ratio records; 0: never
-    eval_every: int = _range(1, 1)
-    stop_after_epochs: int = _range(0, 0)  # end this session after N epochs (resume later); 0: no limit
-    checkpoint: bool = True
-    target_accuracy: float = _range(0.0, 0.0, 1.0)  # time-to-accuracy threshold (fraction)
-    on_nonfinite: str = _choice("stop", ("stop", "skip"))
-    progress: bool = True
+    out_dir: str = plain("runs", "directory of run directories")
+    name: str = plain("", "run directory name under out_dir; default: recipe name + timestamp")
+    seed: int = number(0, 0, help="model init (the same on every rank) and data order")
+    precision: str = choice("fp32", ("fp32", "bf16", "fp16", "fp64"), "fp16 needs a GPU; fp64 for checks")
+    threads: int = number(0, 0, help="torch intra-op threads per process; 0 keeps torch's default")
+    log_every: int = number(10, 1, help="steps per train record")
+    trust_log_every: int = number(100, 0, help="steps between per-layer trust-ratio records; 0: never")
+    eval_every: int = number(1, 1, help="epochs between evaluations (the last epoch always)")
+    stop_after_epochs: int = number(0, 0, help="end this session after N epochs (resume later); 0: no limit")
+    checkpoint: bool = plain(True, "write checkpoint.pt at each epoch end")
+    target_accuracy: float = number(0.0, 0.0, 1.0, help="time-to-accuracy threshold (fraction)")
+    on_nonfinite: str = choice("stop", ("stop", "skip"), "what a NaN/inf global loss does")
+    progress: bool = plain(True, "progress bar on rank 0")
 
 
 @dataclass(frozen=True)
@@ -151,13 +142,42 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "recipe")
 
 
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _is_table(annotation: Any) -> bool:
+    return dataclasses.is_dataclass(annotation)
+
+
+def _lookup(key: str) -> tuple[type, str]:
+    """The dataclass holding the dotted field `key` (e.g. 'optim.lars.mode') and the field's name."""
+    parts = key.split(".")
+    cls, where = Config, ""
+    for i, part in enumerate(parts):
+        types_ = {k: v for k, v in _field_types(cls).items() if not (cls is Config and k == "recipe")}
+        if part not in types_:
+            if cls is Config:
+                raise ConfigError(f"unknown option --{key}: options look like --section.field, sections are "
+                                  f"{', '.join(SECTIONS)}")
+            raise ConfigError(_unknown_field(cls, where, part))
+        if i == len(parts) - 1:
+            if _is_table(types_[part]):
+                raise ConfigError(f"{key} is a table: set its fields, e.g. --{key}.{dataclasses.fields(types_[part])[0].name}")
+            return cls, part
+        if not _is_table(types_[part]):
+            raise ConfigError(f"{where + part} is a field, not a table: --{where + part} VALUE")
+        cls, where = types_[part], f"{where}{part}."
+    raise ConfigError(f"unknown option --{key}")
+
+
+def _unknown_field(cls: type, table: str, name: str) -> str:
+    """The message for a field `name` that table `table` (e.g. 'optim.') does not have."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    message = f"unknown field {table}{name}: fields of [{table.rstrip('.')}] are {', '.join(fields)}"
+    elsewhere = [f"{table}{f.name}.{name}" for f in dataclasses.fields(cls) if _is_table(_field_types(cls)[f.name])
+                 and name in {g.name for g in dataclasses.fields(_field_types(cls)[f.name])}]
+    return message + (f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,30 +227,34 @@ def _check_metadata(where: str, value: Any, meta: typing.Mapping[str, Any]) -> N
         raise ConfigError(f"{where} = {value!r}: must be finite")
 
 
-def _build_section(name: str, cls: type, values: typing.Mapping[str, Any]) -> Any:
+def _build_table(where: str, cls: type, values: typing.Mapping[str, Any]) -> Any:
+    """One table (a section or a sub-table such as optim.lars) from its TOML/override values."""
+    if not isinstance(values, typing.Mapping):
+        raise ConfigError(f"[{where}] must be a table of fields, got {values!r}")
     types_ = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, raw in values.items():
-        where = f"{name}.{key}"
+        path = f"{where}.{key}"
         if key not in fields:
-            raise ConfigError(f"unknown field {where}: fields of [{name}] are {', '.join(fields)}")
-        value = _coerce(where, raw, types_[key])
-        _check_metadata(where, value, fields[key].metadata)
+            raise ConfigError(_unknown_field(cls, f"{where}.", key))
+        if _is_table(types_[key]):
+            kwargs[key] = _build_table(path, types_[key], raw)
+            continue
+        value = _coerce(path, raw, types_[key])
+        _check_metadata(path, value, fields[key].metadata)
         kwargs[key] = value
     return cls(**kwargs)
 
 
 def config_from_dict(tree: typing.Mapping[str, Any], recipe: str = "default") -> Config:
     """Build and validate a Config from a nested mapping such as a parsed TOML recipe."""
-    sections = _section_types()
+    sections = {name: _field_types(Config)[name] for name in SECTIONS}
     kwargs: dict[str, Any] = {"recipe": recipe}
     for name, values in tree.items():
         if name not in sections:
             raise ConfigError(f"unknown section [{name}]: sections are {', '.join(sections)}")
-        if not isinstance(values, typing.Mapping):
-            raise ConfigError(f"[{name}] must be a table of fields, got {values!r}")
-        kwargs[name] = _build_section(name, sections[name], values)
+        kwargs[name] = _build_table(name, sections[name], values)
     cfg = Config(**kwargs)
     validate_relations(cfg)
     return cfg
@@ -239,38 +263,32 @@ def config_from_dict(tree: typing.Mapping[str, Any], recipe: str = "default") ->
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as a nested dict (tuples as lists), ready for TOML or JSON."""
 
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
+    def plain_value(value):
+        if isinstance(value, (tuple, list)):
+            return [plain_value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain_value(v) for k, v in value.items()}
         return value
 
-    return {
-        name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in SECTIONS
-    } | {"recipe": cfg.recipe}
+    return {"recipe": cfg.recipe} | {name: plain_value(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
 
 
 def parse_override_value(key: str, text: str) -> Any:
-    """Turn the text of `--section.field TEXT` into a value of the field's type.
+    """Turn the text of `--section.field TEXT` (or `--section.table.field TEXT`) into a value of the field's type.
 
     Strings are taken verbatim; anything else is read as a TOML value, so `true`, `0.1`, `[30, 60]`
     work as they do in a recipe (a bare comma list `30,60` is accepted for lists too).
     """
-    section, _, name = key.partition(".")
-    sections = _section_types()
-    if section not in sections or not name:
-        raise ConfigError(f"unknown option --{key}: options look like --section.field, sections are "
-                          f"{', '.join(sections)}")
-    types_ = _field_types(sections[section])
-    if name not in types_:
-        raise ConfigError(f"unknown field {key}: fields of [{section}] are {', '.join(types_)}")
-    if types_[name] is str:
+    cls, name = _lookup(key)
+    annotation = _field_types(cls)[name]
+    if annotation is str:
         return text
-    if typing.get_origin(types_[name]) is tuple and not text.strip().startswith("["):
+    if typing.get_origin(annotation) is tuple and not text.strip().startswith("["):
         text = f"[{text}]"
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        raise ConfigError(f"--{key} {text!r}: not a valid value for a {_describe(types_[name])}") from None
+        raise ConfigError(f"--{key} {text!r}: not a valid value for a {_describe(annotation)}") from None
 
 
 def _describe(annotation: Any) -> str:
@@ -279,13 +297,48 @@ def _describe(annotation: Any) -> str:
     return annotation.__name__
 
 
-def apply_overrides(tree: dict[str, Any], overrides: typing.Mapping[str, Any]) -> dict[str, Any]:
-    """Return a copy of the recipe tree with `section.field -> value` overrides applied."""
-    merged = {section: dict(values) for section, values in tree.items()}
+def apply_overrides(tree: typing.Mapping[str, Any], overrides: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of the recipe tree with dotted `section.field` (or `section.table.field`) -> value applied."""
+
+    def copy(node):
+        return {k: copy(v) for k, v in node.items()} if isinstance(node, typing.Mapping) else node
+
+    merged = copy(tree)
     for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        merged.setdefault(section, {})[name] = value
+        _lookup(key)  # an unknown key is reported by its full name
+        *tables, name = key.split(".")
+        node = merged
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[name] = value
     return merged
+
+
+def describe_fields() -> str:
+    """Every field as `--section.field  default  allowed  help`, section by section, for --help."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        types_ = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            if _is_table(types_[f.name]):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default))
+            shown = str(default) if default != "" else '""'
+            rule = f"[{allowed(f.metadata)}] " if allowed(f.metadata) else ""
+            lines.append(f"  --{prefix + f.name:<32} {shown:<12} {rule}{f.metadata.get('help', '')}".rstrip())
+        for f in dataclasses.fields(cls):
+            if _is_table(types_[f.name]):
+                lines.append(f"  [{prefix}{f.name}] {types_[f.name].__doc__ or ''}".rstrip())
+                walk(types_[f.name], f"{prefix}{f.name}.")
+
+    for name in SECTIONS:
+        cls = _field_types(Config)[name]
+        lines.append(f"[{name}] {cls.__doc__}")
+        walk(cls, f"{name}.")
+    return "\n".join(lines)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -309,10 +362,12 @@ def validate_relations(cfg: Config) -> None:
         raise ConfigError(f"schedule.warmup_epochs = {s.warmup_epochs} must be <= schedule.epochs = {s.epochs}")
     if s.decay == "step" and list(s.milestones) != sorted(set(s.milestones)):
         raise ConfigError(f"schedule.milestones = {list(s.milestones)}: must be strictly increasing")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas = {list(cfg.optim.betas)}: must be two numbers in [0, 1)")
-    if cfg.optim.compiled and cfg.optim.name not in ("lars", "lamb"):
-        raise ConfigError(f"optim.compiled = true applies to optim.name = 'lars' or 'lamb', not {cfg.optim.name!r}")
+    if s.warmup_mode == "constant" and s.warmup_from == "zero" and s.warmup_epochs > 0:
+        raise ConfigError("schedule.warmup_mode = 'constant' with schedule.warmup_from = 'zero' trains at lr 0 for "
+                          "the whole warmup: use warmup_from = 'base_lr' (Goyal's constant warmup) or a gradual warmup")
+    betas = cfg.optim.lamb.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"optim.lamb.betas = {list(betas)}: must be two numbers in [0, 1)")
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")
@@ -343,6 +398,12 @@ class BatchPlan:
     accum_steps: int  # micro-batches accumulated per optimizer step
     bn_batch: int  # samples per BN statistics group (== micro_batch when BN is not ghosted)
 
+    @property
+    def ghost_bn_batch(self) -> int:
+        """The BN group size when BN statistics are taken over groups smaller than the micro-batch
+        (ghost BN); 0 when each forward pass's BN sees the whole micro-batch."""
+        return self.bn_batch if self.bn_batch < self.micro_batch else 0
+
 
 def plan_batches(data: DataConfig, world_size: int) -> BatchPlan:
     """Derive the split of the global batch; a split that does not divide says what would."""
@@ -368,6 +429,6 @@ def plan_batches(data: DataConfig, world_size: int) -> BatchPlan:
 
 __all__ = [
     "BatchPlan", "Config", "ConfigError", "DataConfig", "DistConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "ScheduleConfig", "apply_overrides", "config_from_dict", "config_to_dict", "load_toml", "parse_override_value",
-    "plan_batches",
+    "ScheduleConfig", "apply_overrides", "config_from_dict", "config_to_dict", "describe_fields", "load_toml",
+    "parse_override_value", "plan_batches",
 ]

@@ -1,8 +1,26 @@
-"""The errors that mean "the input is wrong" (reported in one line, exit status 2), as opposed to bugs."""
+"""The errors that mean "the input is wrong", as opposed to bugs.
 
-from largebatch.checkpoint import CheckpointError
-from largebatch.config import ConfigError
-from largebatch.data import DatasetError
-from largebatch.train import NonFiniteLossError
+Each is reported by the command line in one line with exit status 2, and every one of them derives
+from `UserError`, so a caller catches that one class. This module imports nothing, so the command
+line can name these errors without importing torch.
+"""
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteLossError)
+
+class UserError(Exception):
+    """Bad input from the user (a config, a dataset, a checkpoint) or a run the input made fail."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid configuration; the message names the field, the value and what is allowed."""
+
+
+class DatasetError(UserError, ValueError):
+    """Bad dataset input; the message names the path or field and what is allowed."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, unreadable or not one of ours; the message names the path."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The global loss became NaN or infinite (run.on_nonfinite = 'stop'); the message names the step."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from largebatch import build, checkpoint
-from largebatch.config import Config, plan_batches
+from largebatch.config import Config
 from largebatch.data import collate_batch
 from largebatch.data.sampler import EvalBatchSampler
 from largebatch.dist import DistEnv, all_reduce_sum, init_distributed, shutdown
@@ -59,9 +59,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> EvalResult | None
     """Score a saved model on its test set (exact over however many ranks run this); rank 0 gets the result."""
     env = init_distributed(cfg.dist)
     try:
-        plan = plan_batches(cfg.data, 1)  # only the model's BN grouping matters here, not the training split
         splits = build.build_data(cfg)
-        model = build.build_network(cfg, splits, plan, env.device)
+        model = build.build_network(cfg, splits, env.device)
         model.load_state_dict(checkpoint.load_checkpoint(checkpoint_path, map_location=env.device)["model"])
         loader = eval_loader(splits.test, cfg.data.eval_batch, env, cfg.data.workers)
         result = evaluate(model, loader, env, autocast_factory(cfg.run.precision, env.device),

@@ -1,16 +1,21 @@
 """The run directory: where a run's resolved config, metrics, TensorBoard events and checkpoint go.
 
 An existing directory is never written into by accident: a new run refuses it unless told to
-`overwrite` (which empties it) or to `resume` (which continues from its checkpoint).
+`overwrite` (which empties it) or to `resume` (which continues from its checkpoint). A resume that
+changes the config (say `--schedule.epochs 20`) rewrites `config.toml`, so the next resume continues
+the same run, and keeps the earlier version beside it as `config.N.toml`.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import tempfile
 import time
+import tomllib
 from pathlib import Path
-from typing import Any
+
+import tomli_w
 
 from largebatch.config import Config, ConfigError, config_to_dict
 
@@ -38,29 +43,38 @@ def check_new_run_dir(run_dir: Path, *, overwrite: bool) -> None:
                           "--overwrite to replace it, or choose another --run.name")
 
 
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
 def create_run_dir(run_dir: Path, cfg: Config, *, overwrite: bool) -> None:
     """Make (or empty, with `overwrite`) the run directory and write the resolved config into it."""
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_NAME).write_text(to_toml(config_to_dict(cfg)), encoding="utf-8")
+    _write_atomic(run_dir / CONFIG_NAME, to_toml(cfg))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def update_run_config(run_dir: Path, cfg: Config) -> Path | None:
+    """Make `cfg` the run's config; if it differs from the saved one, the saved one is kept as
+    config.N.toml (N = 0, 1, ...) and that path returned. Returns None when nothing changed."""
+    current = run_dir / CONFIG_NAME
+    if tomllib.loads(current.read_text(encoding="utf-8")) == config_to_dict(cfg):
+        return None
+    n = 0
+    while (kept := run_dir / f"config.{n}.toml").exists():
+        n += 1
+    shutil.copy2(current, kept)
+    _write_atomic(current, to_toml(cfg))
+    return kept
 
 
-def to_toml(tree: dict[str, Any]) -> str:
-    """Write a config tree (top-level scalars, then one table per section) as TOML."""
-    top = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
-    tables = [f"\n[{name}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in values.items())
-              for name, values in tree.items() if isinstance(values, dict)]
-    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

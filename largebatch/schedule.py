@@ -12,7 +12,6 @@ from dataclasses import dataclass
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_MODES = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "poly", "none")
-WARMUP_FROM = ("base_lr", "zero")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -57,7 +56,7 @@ class LrSchedule:
       "gradual"   lr = s + (peak_lr - s) * e / w, a linear ramp reaching peak_lr at e = w
                   (Goyal's gradual warmup passes s = the reference-batch lr eta, ramping to k * eta);
       "constant"  lr = s throughout warmup, then a jump to peak_lr (Goyal's constant warmup); s must
-                  be given explicitly, since a constant warmup at lr 0 would silently not train.
+                  be given and > 0, since a constant warmup at lr 0 would silently not train.
 
     Decay, for e >= w, with t = (e - w) / (total_epochs - w) clipped to [0, 1] (t = 1 if w = total):
       "step"      lr = peak_lr * gamma ** (number of milestones <= e); milestones are absolute epochs
@@ -93,9 +92,10 @@ class LrSchedule:
         _check_choice("warmup_mode", self.warmup_mode, WARMUP_MODES)
         if self.warmup_start_lr is not None:
             _check_number("warmup_start_lr", self.warmup_start_lr, self.warmup_start_lr >= 0, ">= 0 or None")
-        elif self.warmup_mode == "constant" and self.warmup_epochs > 0:
-            raise ValueError("warmup_start_lr = None is not allowed with warmup_mode = 'constant'; "
-                             "give the constant warmup lr (Goyal: the reference-batch lr)")
+        if self.warmup_mode == "constant" and self.warmup_epochs > 0 and not self.warmup_start_lr:
+            raise ValueError(f"warmup_start_lr = {self.warmup_start_lr!r} is not allowed with warmup_mode = 'constant':"
+                             " the whole warmup would run at lr 0; give the constant warmup lr (Goyal: the "
+                             "reference-batch lr)")
         _check_choice("decay", self.decay, DECAYS)
         if self.decay == "step":
             object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
@@ -106,19 +106,6 @@ class LrSchedule:
         _check_number("gamma", self.gamma, 0 < self.gamma <= 1, "in (0, 1]")
         _check_number("poly_power", self.poly_power, self.poly_power > 0, "> 0")
         _check_number("final_lr", self.final_lr, self.final_lr >= 0, ">= 0")
-
-    @classmethod
-    def from_base_lr(cls, base_lr: float, *, global_batch: int, ref_batch: int, rule: str,
-                     steps_per_epoch: int, total_epochs: float, warmup_from: str = "base_lr",
-                     **fields) -> LrSchedule:
-        """Goyal's recipe: peak_lr = scaled_lr(base_lr, ...), warming up from base_lr or from zero.
-
-        `fields` are the remaining LrSchedule fields (warmup_epochs, warmup_mode, decay, ...).
-        """
-        _check_choice("warmup_from", warmup_from, WARMUP_FROM)
-        return cls(peak_lr=scaled_lr(base_lr, global_batch, ref_batch, rule), steps_per_epoch=steps_per_epoch,
-                   total_epochs=total_epochs, warmup_start_lr=base_lr if warmup_from == "base_lr" else 0.0,
-                   **fields)
 
     @property
     def total_steps(self) -> int:

@@ -35,8 +35,8 @@ def test_unknown_recipe(capsys, tmp_path):
 
 
 def test_bad_field_creates_no_run_directory(capsys, tmp_path):
-    err = error_of(capsys, ["train", *QUICK, "--optim.momentum", "2", "--run.out_dir", str(tmp_path)])
-    assert "optim.momentum = 2.0" in err
+    err = error_of(capsys, ["train", *QUICK, "--optim.sgd.momentum", "2", "--run.out_dir", str(tmp_path)])
+    assert "optim.sgd.momentum = 2.0" in err
     assert not any(tmp_path.iterdir())
 
 

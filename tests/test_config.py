@@ -1,14 +1,16 @@
 """Config flow: recipe -> overrides -> validated dataclasses, and the derived batch plan."""
 
 import dataclasses
+import inspect
 import tomllib
 
 import pytest
 
 from largebatch import recipes
-from largebatch.cli import parse_overrides, resolve_config
+from largebatch import load_config
+from largebatch.cli import parse_overrides
 from largebatch.config import (AUGMENTS, DATA_SOURCES, DECAYS, LARS_MODES, MODEL_NAMES, OPTIMIZER_NAMES, SCALING_RULES,
-                               WARMUP_MODES, ConfigError, DataConfig, config_from_dict, config_to_dict, plan_batches)
+                               WARMUP_MODES, ConfigError, DataConfig, config_from_dict, plan_batches)
 from largebatch.run_dir import to_toml
 
 
@@ -22,11 +24,11 @@ def test_every_recipe_validates():
 
 def test_a_recipe_for_a_real_dataset_asks_for_its_path():
     with pytest.raises(ConfigError, match="data.path is required"):
-        resolve_config("goyal2017", {})
+        load_config("goyal2017", {})
 
 
 def test_overrides_are_typed_by_field():
-    cfg = resolve_config("fmnist_goyal", parse_overrides([
+    cfg = load_config("fmnist_goyal", parse_overrides([
         "--data.global_batch", "4096", "--optim.base_lr=0.2", "--schedule.milestones", "3,6",
         "--model.zero_init_residual", "true", "--run.name", "123"]))
     assert cfg.data.global_batch == 4096 and cfg.optim.base_lr == 0.2
@@ -37,7 +39,11 @@ def test_overrides_are_typed_by_field():
 
 @pytest.mark.parametrize("argv, words", [
     (["--optim.scaling", "cube"], ["optim.scaling", "'cube'", "'linear'", "'sqrt'"]),
-    (["--optim.momentum", "1.5"], ["optim.momentum", "1.5", "<= 1.0"]),
+    (["--optim.sgd.momentum", "1.5"], ["optim.sgd.momentum", "1.5", "<= 1.0"]),
+    (["--optim.momentum", "0.9"], ["optim.momentum", "optim.sgd.momentum or optim.lars.momentum"]),
+    (["--optim.lars", "1"], ["optim.lars is a table"]),
+    (["--optim.lars.rate", "1"], ["optim.lars.rate", "trust_coefficient"]),
+    (["--schedule.warmup_mode", "constant", "--schedule.warmup_from", "zero"], ["lr 0", "warmup_from"]),
     (["--data.global_batch", "0"], ["data.global_batch", ">= 1"]),
     (["--data.global_batch", "many"], ["data.global_batch", "many"]),
     (["--data.global_batch", "2.5"], ["data.global_batch", "2.5", "integer"]),
@@ -49,14 +55,14 @@ def test_overrides_are_typed_by_field():
     (["--schedule.decay", "step", "--schedule.milestones", "60,30"], ["schedule.milestones", "increasing"]),
     (["--data.source", "npz"], ["data.path", "required"]),
     (["--run.precision", "fp16", "--dist.device", "cpu"], ["fp16", "GPU"]),
-    (["--optim.betas", "0.9,1.0"], ["optim.betas", "[0, 1)"]),
-    (["--optim.lars_mode", "clip"], ["optim.lars_mode", "'larc_clip'"]),
+    (["--optim.lamb.betas", "0.9,1.0"], ["optim.lamb.betas", "[0, 1)"]),
+    (["--optim.lars.mode", "clip"], ["optim.lars.mode", "'larc_clip'"]),
     (["stray"], ["stray"]),
     (["--data.global_batch"], ["needs a value"]),
 ])
 def test_bad_config_names_field_and_allowed(argv, words):
     with pytest.raises(ConfigError) as err:
-        resolve_config("fmnist_goyal", parse_overrides(argv))
+        load_config("fmnist_goyal", parse_overrides(argv))
     for word in words:
         assert word in str(err.value)
 
@@ -70,12 +76,12 @@ def test_unknown_section_and_field_in_toml(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nlearning_rate = 0.1\n")
     with pytest.raises(ConfigError, match="optim.learning_rate"):
-        resolve_config(str(bad), {})
+        load_config(str(bad), {})
 
 
 def test_resolved_config_round_trips_through_toml():
-    cfg = resolve_config("goyal2017", {"data.path": "/imagenet"})
-    again = config_from_dict({k: v for k, v in tomllib.loads(to_toml(config_to_dict(cfg))).items() if k != "recipe"},
+    cfg = load_config("goyal2017", {"data.path": "/imagenet"})
+    again = config_from_dict({k: v for k, v in tomllib.loads(to_toml(cfg)).items() if k != "recipe"},
                              recipe=cfg.recipe)
     assert again == cfg
 
@@ -125,7 +131,7 @@ def test_plan_rejects_what_does_not_divide_and_says_what_would(data, world, sugg
 
 
 def test_config_is_frozen():
-    cfg = resolve_config("fmnist_goyal", {})
+    cfg = load_config("fmnist_goyal", {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.data.global_batch = 1
 
@@ -136,23 +142,29 @@ def test_config_is_frozen():
     ("yamazaki2019", 13.0 * 81920 / 86016, 40),  # 81,920 on 2,048 GPUs of 40 (the paper's layout)
 ])
 def test_lars_recipes_derive_the_papers_numbers(recipe, peak, per_gpu):
-    from largebatch.build import build_schedule, peak_lr
+    from largebatch.plan import lr_schedule, peak_lr
 
-    cfg = resolve_config(recipe, {"data.path": "/imagenet"})
+    cfg = load_config(recipe, {"data.path": "/imagenet"})
     assert cfg.optim.name == "lars" and cfg.optim.exclude_bn_bias
     assert peak_lr(cfg) == pytest.approx(peak)
     world = cfg.data.global_batch // per_gpu
     plan = plan_batches(cfg.data, world)
     assert plan.per_worker == per_gpu and plan.accum_steps == 1
     steps_per_epoch = 1_281_167 // cfg.data.global_batch
-    schedule = build_schedule(cfg, steps_per_epoch)
+    schedule = lr_schedule(cfg, steps_per_epoch)
     warmup_end = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     assert schedule(warmup_end) == pytest.approx(peak, rel=0.02)
     assert schedule(0) < 0.1 * peak  # warmup from zero
     assert schedule(int(cfg.schedule.epochs * steps_per_epoch)) == pytest.approx(cfg.schedule.final_lr)
 
 
-def test_compiled_update_only_for_layerwise_optimizers():
-    with pytest.raises(ConfigError, match="optim.compiled"):
-        resolve_config("fmnist_goyal", {"optim.compiled": True})
-    assert resolve_config("fmnist_goyal", {"optim.compiled": True, "optim.name": "lars"}).optim.compiled
+def test_each_optimizer_has_its_own_options_with_one_default():
+    from largebatch.optim.lamb import LAMB
+    from largebatch.optim.lars import LARS
+
+    cfg = load_config("fmnist_goyal", {"optim.name": "lars"})
+    assert cfg.optim.lars.eps == 0.0 and cfg.optim.lamb.eps == 1e-6  # no shared eps any more
+    # The constructors' defaults are the registry's.
+    assert inspect.signature(LARS).parameters["eps"].default == cfg.optim.lars.eps
+    assert inspect.signature(LAMB).parameters["eps"].default == cfg.optim.lamb.eps
+    assert load_config("fmnist_goyal", {"optim.lars.compiled": True}).optim.lars.compiled

@@ -21,7 +21,7 @@ SYNTHETIC = ["--data.source", "synthetic", "--data.synthetic_shape", "1,12,12", 
 # layer-wise steps move the weights well beyond rounding.
 OPTIMIZER_ARGS = {
     "sgd": [],
-    "lars": ["--optim.name", "lars", "--optim.exclude_bn_bias", "true", "--optim.trust_coefficient", "0.05",
+    "lars": ["--optim.name", "lars", "--optim.exclude_bn_bias", "true", "--optim.lars.trust_coefficient", "0.05",
              "--optim.base_lr", "1.0"],
 }
 

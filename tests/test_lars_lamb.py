@@ -16,7 +16,7 @@ from torch import nn
 
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
-from largebatch.optim.param_groups import param_groups
+from largebatch.optim.groups import param_groups
 
 TIGHT = dict(rtol=1e-10, atol=1e-14)
 LRS = [0.5, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.5]

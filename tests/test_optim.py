@@ -13,6 +13,7 @@ from torch import nn
 
 from largebatch.optim import sgd as sgd_module
 from largebatch.optim import OPTIMIZERS, MomentumSGD, build_optimizer, is_bn_or_bias, param_groups
+from largebatch.optim.registry import LARSOptions, SGDOptions
 
 W0 = [1.5, -0.7, 0.3]
 A = [0.9, 2.0, 0.5]
@@ -317,11 +318,12 @@ def test_param_groups_norm_types_shared_and_empty_groups():
 
 def test_build_optimizer_uses_group_weight_decay():
     net = Net()
-    opt = build_optimizer("sgd", param_groups(net, 1e-4, True), lr=0.2, momentum=0.9, nesterov=True,
-                          lr_in_momentum=True, momentum_correction=False)
-    assert isinstance(opt, MomentumSGD) and OPTIMIZERS == ("sgd", "lars", "lamb")
+    opt = build_optimizer("sgd", param_groups(net, 1e-4, True), lr=0.2,
+                          options=SGDOptions(momentum=0.9, nesterov=True, momentum_correction=False))
+    assert isinstance(opt, MomentumSGD) and tuple(OPTIMIZERS) == ("sgd", "lars", "lamb")
     assert [(g["name"], g["weight_decay"], g["lr"], g["nesterov"], g["momentum_correction"])
             for g in opt.param_groups] == [("decay", 1e-4, 0.2, True, False), ("no_decay", 0.0, 0.2, True, False)]
     with pytest.raises(ValueError, match="optimizer = 'adam' .*'sgd'"):
-        build_optimizer("adam", net.parameters(), lr=0.1, momentum=0.9, nesterov=False, lr_in_momentum=True,
-                        momentum_correction=True)
+        build_optimizer("adam", net.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="SGDOptions"):
+        build_optimizer("sgd", net.parameters(), lr=0.1, options=LARSOptions())

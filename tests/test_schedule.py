@@ -4,17 +4,20 @@ import math
 
 import pytest
 
+from largebatch.config import config_from_dict
+from largebatch.plan import lr_schedule
 from largebatch.schedule import DECAYS, SCALING_RULES, WARMUP_MODES, LrSchedule, scaled_lr
 
 SPE = 10  # steps per epoch used throughout: epoch e starts at step 10 * e
 
 
-def goyal(**overrides) -> LrSchedule:
-    """kn = 8192, eta = 0.1 per 256: peak 3.2, 5-epoch gradual warmup from 0.1, /10 at 30, 60, 80."""
-    fields = dict(base_lr=0.1, global_batch=8192, ref_batch=256, rule="linear", steps_per_epoch=SPE,
-                  total_epochs=90, warmup_epochs=5, milestones=(30, 60, 80))
-    fields.update(overrides)
-    return LrSchedule.from_base_lr(**fields)
+def goyal(**schedule) -> LrSchedule:
+    """kn = 8192, eta = 0.1 per 256: peak 3.2, 5-epoch gradual warmup from 0.1, /10 at 30, 60, 80, built from
+    a config the way the trainer builds it (`schedule` overrides fields of the [schedule] section)."""
+    cfg = config_from_dict({"data": {"global_batch": 8192},
+                            "optim": {"base_lr": 0.1, "ref_batch": 256, "scaling": "linear"},
+                            "schedule": {"epochs": 90, "warmup_epochs": 5, "milestones": [30, 60, 80]} | schedule})
+    return lr_schedule(cfg, SPE)
 
 
 def test_choices_match_config_lists():

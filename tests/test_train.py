@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
+import largebatch
 from largebatch.checkpoint import load_checkpoint
-from largebatch.cli import parse_overrides, resolve_config
+from largebatch.cli import parse_overrides
+from largebatch.errors import NonFiniteLossError
 from largebatch.metrics import read_metrics
-from largebatch.run_dir import CONFIG_NAME, create_run_dir
-from largebatch.train import NonFiniteLossError, train
+from largebatch.run_dir import CONFIG_NAME
 
 SMALL = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
          "--data.synthetic_test", "64", "--data.global_batch", "64", "--data.micro_batch", "32", "--data.bn_batch", "16",
@@ -18,15 +19,14 @@ SMALL = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--d
 
 
 def config(tmp_path, *extra):
-    return resolve_config("fmnist_goyal", parse_overrides([*SMALL, "--run.out_dir", str(tmp_path), *extra]))
+    return largebatch.load_config("fmnist_goyal", parse_overrides([*SMALL, "--run.out_dir", str(tmp_path), *extra]))
 
 
 def run(tmp_path, name, *extra, resume=False):
-    cfg = config(tmp_path, "--run.name", name, *extra)
-    run_dir = tmp_path / name
-    if not resume:
-        create_run_dir(run_dir, cfg, overwrite=False)
-    return train(cfg, run_dir, resume=resume)
+    if resume:
+        cfg = largebatch.load_config(overrides=parse_overrides(extra), resume_dir=tmp_path / name)
+        return largebatch.run(cfg, tmp_path / name, resume=True)
+    return largebatch.run(config(tmp_path, "--run.name", name, *extra))
 
 
 def test_run_directory_holds_config_metrics_events_and_checkpoint(tmp_path):
@@ -80,8 +80,8 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert math.isfinite(result.test.loss)
 
 
-@pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars_mode", "larc_clip"]), ("lamb", []),
-                                         ("lars", ["--optim.compiled", "true"])],
+@pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars.mode", "larc_clip"]), ("lamb", []),
+                                         ("lars", ["--optim.lars.compiled", "true"])],
                          ids=["larc_clip", "lamb", "lars-compiled"])
 def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
     result = run(tmp_path, name, "--optim.name", name, "--optim.exclude_bn_bias", "true",

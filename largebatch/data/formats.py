@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from largebatch.errors import DatasetError
+
 EMBEDDED_PATH = Path(__file__).resolve().parent / "embedded" / "fashion_mnist.npz"
 EMBEDDED_SHA256 = "5b6d2c4c694a91887af8ab7d039c04f80af3c29378d731c93a538d2e831aa469"
 
@@ -40,10 +42,6 @@ CIFAR_LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 _verified_paths: set[Path] = set()
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message names the path or field and what is allowed."""
 
 
 @dataclass(frozen=True)

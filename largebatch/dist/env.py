@@ -79,3 +79,31 @@ def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The collectives a step extension is handed: over all ranks of the job, and the identity at
+    world size 1, so an extension's maths never imports torch.distributed and runs unchanged alone."""
+
+    env: DistEnv
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks in place and return it."""
+        return all_reduce_sum(tensor, self.env)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average `tensor` over ranks in place and return it."""
+        return all_reduce_sum(tensor, self.env).div_(self.env.world_size)
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, indexed by rank."""
+        return all_gather_objects(obj, self.env)

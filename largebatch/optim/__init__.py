@@ -1,28 +1,25 @@
-"""Optimizers for large-minibatch training, and the registry the trainer builds them from."""
+"""Optimizers for large-minibatch training, and the registry the trainer builds them from.
+
+The registry (`OPTIMIZERS`, each optimizer's options) imports without torch, for config validation
+and `--help`; the optimizer classes and parameter groups load on first use.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import importlib
+from typing import Any
 
-import torch
+from largebatch.optim.registry import LARS_MODES, OPTIMIZERS, build_optimizer, optimizer_class
 
-from largebatch.optim.lamb import LAMB
-from largebatch.optim.lars import LARS, LARS_MODES
-from largebatch.optim.param_groups import is_bn_or_bias, param_groups
-from largebatch.optim.sgd import MomentumSGD
-
-_REGISTRY: dict[str, type[torch.optim.Optimizer]] = {"sgd": MomentumSGD, "lars": LARS, "lamb": LAMB}
-OPTIMIZERS = tuple(_REGISTRY)
+_LAZY = {"MomentumSGD": "largebatch.optim.sgd", "LARS": "largebatch.optim.lars", "LAMB": "largebatch.optim.lamb",
+         "param_groups": "largebatch.optim.groups", "is_bn_or_bias": "largebatch.optim.groups"}
 
 
-def build_optimizer(name: str, groups: Iterable[dict] | Iterable[torch.Tensor], *, lr: float,
-                    **options) -> torch.optim.Optimizer:
-    """The optimizer `name` over `groups` (e.g. from `param_groups`, which carry their weight decay and
-    whether the layer-wise trust ratio applies); `options` are that optimizer's keyword arguments."""
-    if name not in _REGISTRY:
-        raise ValueError(f"optimizer = {name!r} is not allowed; choose one of {', '.join(map(repr, OPTIMIZERS))}")
-    return _REGISTRY[name](groups, lr=lr, **options)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'largebatch.optim' has no attribute {name!r}")
 
 
 __all__ = ["LAMB", "LARS", "LARS_MODES", "OPTIMIZERS", "MomentumSGD", "build_optimizer", "is_bn_or_bias",
-           "param_groups"]
+           "optimizer_class", "param_groups"]

@@ -24,6 +24,16 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict) -> None:
         raise NotImplementedError
 
+    def layer_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Parameter -> the per-layer factor its last step applied (LARS's local lr, LAMB's trust
+        ratio), for the parameters of groups with a trust ratio; empty for optimizers without one."""
+        return {}
+
+    def _ratios_in_state(self, key: str) -> dict[torch.Tensor, torch.Tensor]:
+        """`layer_ratios` for an optimizer that keeps each parameter's last factor as state `key`."""
+        return {p: self.state[p][key] for group in self.param_groups if group.get("trust", False)
+                for p in group["params"] if key in self.state.get(p, {})}
+
     def _params_and_grads(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The group's parameters that have a gradient (the ones a step updates) and those gradients;
         sparse gradients are refused."""

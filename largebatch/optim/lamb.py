@@ -16,6 +16,7 @@ from torch import Tensor
 
 from largebatch.optim.base import GroupwiseOptimizer
 from largebatch.optim.compile import compiled
+from largebatch.optim.registry import LAMBOptions as _Defaults
 
 
 class LAMB(GroupwiseOptimizer):
@@ -46,9 +47,10 @@ class LAMB(GroupwiseOptimizer):
     (see ``largebatch.optim.compile``); the first step pays the compilation.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, bias_correction: bool = True,
-                 trust_clip: float | None = None, compiled: bool = False) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float,
+                 betas: tuple[float, float] = _Defaults.betas, eps: float = _Defaults.eps, weight_decay: float = 0.0,
+                 bias_correction: bool = _Defaults.bias_correction, trust_clip: float | None = _Defaults.trust_clip,
+                 compiled: bool = _Defaults.compiled) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
@@ -57,8 +59,9 @@ class LAMB(GroupwiseOptimizer):
             raise ValueError(f"eps = {eps!r} is not allowed; it must be >= 0")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay = {weight_decay!r} is not allowed; it must be >= 0")
-        if trust_clip is not None and not trust_clip > 0:
-            raise ValueError(f"trust_clip = {trust_clip!r} is not allowed; it must be None or > 0")
+        if trust_clip is not None and not trust_clip >= 0:
+            raise ValueError(f"trust_clip = {trust_clip!r} is not allowed; it must be None or >= 0 (0: no clamp)")
+        trust_clip = trust_clip or None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, trust_clip=trust_clip, trust=True)
         super().__init__(params, defaults)
@@ -87,12 +90,15 @@ class LAMB(GroupwiseOptimizer):
 
             ratio = compiled(lamb_update_)(params, grads, exp_avgs, exp_avg_sqs, as_tensor(lr), as_tensor(bc1),
                                            as_tensor(bc2_sqrt), beta1=beta1, beta2=beta2, eps=group["eps"],
-                                           weight_decay=group["weight_decay"], trust_clip=group["trust_clip"],
+                                           weight_decay=group["weight_decay"], trust_clip=group["trust_clip"] or None,
                                            trust=group["trust"])
         else:
             ratio = self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, lr, bc1, bc2_sqrt)
         for p, r in zip(params, ratio.unbind(0)):
             self.state[p]["trust_ratio"] = r
+
+    def layer_ratios(self) -> dict[Tensor, Tensor]:
+        return self._ratios_in_state("trust_ratio")
 
     def _foreach_update(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], lr: float, bc1: list[float], bc2_sqrt: list[float]) -> Tensor:
@@ -127,7 +133,7 @@ class LAMB(GroupwiseOptimizer):
         u_norm = torch.stack(torch._foreach_norm(update)).to(ref.dtype)
         valid = (w_norm > 0) & (u_norm > 0)
         ratio = torch.where(valid, w_norm / u_norm, torch.ones_like(w_norm))
-        if group["trust_clip"] is not None:
+        if group["trust_clip"]:
             ratio = torch.clamp(ratio, max=group["trust_clip"])
         return ratio
 

@@ -17,8 +17,7 @@ from torch import Tensor
 
 from largebatch.optim.base import GroupwiseOptimizer
 from largebatch.optim.compile import compiled
-
-LARS_MODES = ("lars", "larc_clip", "larc_scale")
+from largebatch.optim.registry import LARS_MODES, LARSOptions as _Defaults
 
 
 class LARS(GroupwiseOptimizer):
@@ -60,9 +59,10 @@ class LARS(GroupwiseOptimizer):
     (see ``largebatch.optim.compile``); the first step pays the compilation.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, trust_coefficient: float = 0.001, eps: float = 0.0,
-                 nesterov: bool = False, mode: str = "lars", compiled: bool = False) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = _Defaults.momentum,
+                 weight_decay: float = 0.0, trust_coefficient: float = _Defaults.trust_coefficient,
+                 eps: float = _Defaults.eps, nesterov: bool = _Defaults.nesterov, mode: str = _Defaults.mode,
+                 compiled: bool = _Defaults.compiled) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not 0 <= momentum < 1:
@@ -102,6 +102,9 @@ class LARS(GroupwiseOptimizer):
             self._foreach_update(params, grads, bufs, local * lr, momentum, weight_decay, group["nesterov"])
         for p, loc in zip(params, local.unbind(0)):
             self.state[p]["local_lr"] = loc
+
+    def layer_ratios(self) -> dict[Tensor, Tensor]:
+        return self._ratios_in_state("local_lr")
 
     @staticmethod
     def _foreach_update(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rates: Tensor,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from largebatch.optim.base import GroupwiseOptimizer
+from largebatch.optim.registry import SGDOptions as _Defaults
 
 
 class MomentumSGD(GroupwiseOptimizer):
@@ -56,9 +57,10 @@ class MomentumSGD(GroupwiseOptimizer):
     are off the CPU, as torch.optim.SGD does.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, lr_in_momentum: bool = True,
-                 momentum_correction: bool = True, foreach: bool | None = None) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = _Defaults.momentum,
+                 weight_decay: float = 0.0, nesterov: bool = _Defaults.nesterov, *,
+                 lr_in_momentum: bool = _Defaults.lr_in_momentum,
+                 momentum_correction: bool = _Defaults.momentum_correction, foreach: bool | None = None) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not 0 <= momentum < 1:

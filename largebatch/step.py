@@ -1,0 +1,70 @@
+"""One optimizer step of synchronous data-parallel SGD, with the extension points of `largebatch.extensions`.
+
+A step consumes exactly `global_batch` samples: each of `world_size` workers runs `accum_steps`
+micro-batches, each loss is divided by `accum_steps`, and DDP averages over workers, so the applied
+gradient is the mean over all kn samples (Goyal et al. §2.1) whatever the split. Gradients
+synchronise only on the last micro-batch. The global loss is summed over ranks every step: a
+non-finite one skips the update identically on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from largebatch.state import RunState
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    lr: float
+    loss: float  # mean loss over the global batch
+    applied: bool  # False when a non-finite loss skipped the update
+
+
+class TrainStep:
+    """Calls the run's extensions at their points around forward/backward and `optimizer.step`."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+        self.extensions = tuple(state.extensions)
+
+    def __call__(self, micro_batches: Iterator, step: int) -> StepOutcome:
+        s = self.state
+        plan = s.plan.batches
+        lr = s.plan.schedule(step)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        s.optimizer.zero_grad(set_to_none=True)
+        for extension in self.extensions:
+            extension.before_step(step)
+
+        loss_sum = torch.zeros((), device=s.env.device)
+        for i in range(plan.accum_steps):
+            x, y = s.place(*next(micro_batches))
+            last = i == plan.accum_steps - 1
+            sync = contextlib.nullcontext() if last or not s.env.distributed else s.ddp_model.no_sync()
+            with sync:
+                with s.autocast():
+                    micro_loss = s.criterion(s.ddp_model(x), y)
+                s.scaler.scale(micro_loss / plan.accum_steps).backward()
+            micro_loss = micro_loss.detach()
+            loss_sum += micro_loss.float() / plan.accum_steps
+            for extension in self.extensions:
+                extension.after_backward(step, i, micro_loss)
+
+        global_loss = s.collectives.all_reduce_sum(loss_sum).item() / s.env.world_size
+        applied = math.isfinite(global_loss)
+        if applied:
+            s.scaler.unscale_(s.optimizer)  # a no-op unless fp16 loss scaling is on
+            for extension in self.extensions:
+                extension.on_gradients(step)
+            s.scaler.step(s.optimizer)  # GradScaler also skips steps whose fp16 gradients overflowed
+            s.scaler.update()
+        for extension in self.extensions:
+            extension.after_step(step, applied)
+        return StepOutcome(lr, global_loss, applied)
