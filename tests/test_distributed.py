@@ -1,5 +1,6 @@
 """Real multi-process gloo jobs: k workers with accumulation against one process holding the whole
-global batch, and exact evaluation over ranks."""
+global batch (with each optimizer, with a step extension and gradient clipping, across a resume),
+each rank's own random state across a 2-process resume, the same-seed check, and exact evaluation."""
 
 import json
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from largebatch.checkpoint import load_checkpoint
-from multiproc import run_python, run_ranks
+from multiproc import REPO, run_python, run_ranks
+
+EXTENSION_JOB = str(REPO / "tests" / "extension_job.py")
 
 # 12x12 synthetic images keep a float64 run of a real model (small_cnn with ghost BN) to seconds.
 SYNTHETIC = ["--data.source", "synthetic", "--data.synthetic_shape", "1,12,12", "--data.synthetic_train", "144",
@@ -23,6 +26,7 @@ OPTIMIZER_ARGS = {
     "sgd": [],
     "lars": ["--optim.name", "lars", "--optim.exclude_bn_bias", "true", "--optim.lars.trust_coefficient", "0.05",
              "--optim.base_lr", "1.0"],
+    "lamb": ["--optim.name", "lamb", "--optim.exclude_bn_bias", "true", "--optim.weight_decay", "0.01"],
 }
 
 
@@ -42,9 +46,11 @@ def epoch_records(run_dir):
     return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
 
 
-@pytest.mark.parametrize("world_size, optimizer", [(2, "sgd"), (3, "sgd"), (2, "lars")])
-def test_ddp_with_accumulation_equals_one_process_with_the_global_batch(tmp_path, world_size, optimizer):
-    global_batch = 12 * world_size  # per worker 12 = 2 micro-batches of 6, BN groups of 3
+@pytest.mark.parametrize("world_size, micro_batches, optimizer",
+                         [(2, 3, "sgd"), (3, 2, "sgd"), (2, 3, "lars"), (2, 3, "lamb")])
+def test_ddp_with_accumulation_equals_one_process_with_the_global_batch(tmp_path, world_size, micro_batches,
+                                                                        optimizer):
+    global_batch = 6 * micro_batches * world_size  # micro-batches of 6, BN groups of 3; accumulation != world size
     run_ranks(train_argv(tmp_path, "ddp", global_batch, 6, 3, optimizer), world_size)
     run_python(train_argv(tmp_path, "single", global_batch, global_batch, 3, optimizer))
     run_python(train_argv(tmp_path, "other_bn", global_batch, global_batch, 6, optimizer))
@@ -57,11 +63,63 @@ def test_ddp_with_accumulation_equals_one_process_with_the_global_batch(tmp_path
     assert any(not torch.allclose(other_bn[k], single[k], rtol=1e-6, atol=1e-8) for k in single)
     steps = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["progress"]["step"]
     assert steps == 2 * (144 // global_batch)
+    assert plan_record(tmp_path / "ddp")["accum_steps"] == micro_batches
 
     # Evaluation during training counts the 37 test samples once over 2 or 3 ranks (BN running
     # statistics legitimately differ from the single process's, so scores are compared on one
     # checkpoint in the next test).
     assert epoch_records(tmp_path / "ddp")[-1]["test_samples"] == 37
+
+
+def plan_record(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return next(r for r in map(json.loads, lines) if r["kind"] == "plan")
+
+
+def extension_argv(out, name, global_batch, micro_batch, *extra):
+    return [EXTENSION_JOB, str(out / name), *SYNTHETIC, "--data.global_batch", str(global_batch),
+            "--data.micro_batch", str(micro_batch), "--data.bn_batch", "3", "--optim.clip_grad_norm", "0.05", *extra]
+
+
+def test_step_extension_and_clipping_across_a_two_process_resume_equal_one_process(tmp_path):
+    """An extension defined outside the library (tests/extension_job.py) reads micro-batch losses, sums them
+    with the collectives it is handed and rewrites the gradients; clipping acts on the averaged gradient.
+    2 ranks x 3 micro-batches, interrupted after one epoch and resumed, equal 1 process x 6 micro-batches."""
+    run_ranks(extension_argv(tmp_path, "ddp", 36, 6, "--run.stop_after_epochs", "1"), 2)
+    run_ranks(extension_argv(tmp_path, "ddp", 36, 6, "--resume"), 2)
+    run_python(extension_argv(tmp_path, "single", 36, 6))
+    run_python(train_argv(tmp_path, "plain", 36, 6, 3))  # neither extension nor clipping
+
+    ddp, single, plain = (parameters(tmp_path / n) for n in ("ddp", "single", "plain"))
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert any(not torch.allclose(plain[k], single[k], rtol=1e-6, atol=1e-8) for k in single)
+    for name in ("ddp", "single"):
+        state = load_checkpoint(tmp_path / name / "checkpoint.pt")
+        assert state["loss_damping"]["steps"] == 8 and state["loss_damping"]["average"] > 0
+        records = [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train"]
+        assert records and all(r["clipped"] > 0 for r in records)  # clipping was active
+
+
+def test_two_process_resume_restores_each_ranks_random_state(tmp_path):
+    """Flip augmentation draws from each rank's own generator: a resumed 2-rank run equals an uninterrupted
+    one bit for bit only if every rank gets its own generator state back."""
+    flip = ["--data.augment", "flip"]
+    run_ranks([*train_argv(tmp_path, "straight", 24, 6, 3), *flip], 2)
+    run_ranks([*train_argv(tmp_path, "split", 24, 6, 3), *flip, "--run.stop_after_epochs", "1"], 2)
+    run_ranks(["-m", "largebatch", "train", "--resume", str(tmp_path / "split")], 2)
+    straight, split = parameters(tmp_path / "straight"), parameters(tmp_path / "split")
+    for key in straight:
+        assert torch.equal(straight[key], split[key]), key
+    rng = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_same_seed_check_catches_a_rank_built_with_another_seed(tmp_path):
+    results = run_ranks(train_argv(tmp_path, "seeds", 24, 6, 3), 2, check=False, rank_argv={1: ["--run.seed", "7"]})
+    assert all(r.returncode != 0 for r in results)
+    assert "ranks [1] built a model different from rank 0's" in results[0].stdout
 
 
 def test_distributed_eval_command_counts_each_sample_once(tmp_path):
