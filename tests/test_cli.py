@@ -1,5 +1,8 @@
 """The command line: help, recipe listing, and bad input reported in one line with nothing half-written."""
 
+import tomllib
+
+import pytest
 from PIL import Image
 
 from largebatch.cli import main
@@ -89,3 +92,61 @@ def test_corrupt_checkpoint_is_named(capsys, tmp_path):
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"garbage")
     err = error_of(capsys, ["eval", str(tmp_path / "r")])
     assert str(tmp_path / "r" / "checkpoint.pt") in err and "corrupt" in err
+
+
+TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; from largebatch.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["recipes"], "fmnist_goyal"),
+    (["train", "--help"], "--optim.lars.trust_coefficient"),
+    (["eval", "--help"], "usage: largebatch eval"),
+    (["config", "--help"], "--run.on_nonfinite"),
+    (["config", "--recipe", "goyal2017", "--data.path", "/imagenet", "--world-size", "256"], "peak lr 3.2 "),
+])
+def test_listing_help_and_config_need_no_torch(argv, expected):
+    assert expected in run_python(["-c", TORCH_BLOCKED, *argv]).stdout
+
+
+def test_the_torch_block_is_real():
+    result = run_python(["-c", TORCH_BLOCKED.replace("from largebatch.cli", "import torch; from largebatch.cli")],
+                        check=False)
+    assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr
+
+
+def test_train_help_lists_every_field_with_default_and_allowed_values():
+    out = run_python(["-m", "largebatch", "train", "--help"]).stdout
+    assert "--optim.scaling" in out and "[linear, sqrt, none]" in out
+    assert "--data.global_batch" in out and "[>= 1]" in out
+    for section in ("[data]", "[model]", "[optim]", "[optim.sgd]", "[optim.lars]", "[optim.lamb]", "[schedule]",
+                    "[dist]", "[run]"):
+        assert section in out
+
+
+def test_config_prints_resolved_toml_and_derived_plan(capsys):
+    assert main(["config", "--data.global_batch", "4096", "--optim.sgd.nesterov", "true", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    tree = tomllib.loads(out)  # the derived lines are TOML comments: the output is a valid recipe
+    assert tree["recipe"] == "fmnist_goyal" and tree["data"]["global_batch"] == 4096
+    assert tree["optim"]["sgd"]["nesterov"] is True
+    assert "2 workers x 16 micro-batches x 128 samples" in out and "peak lr 0.8 " in out
+
+
+def test_fp16_without_a_gpu_is_a_one_line_error_before_the_run_directory(capsys, tmp_path):
+    err = error_of(capsys, ["train", *QUICK, "--run.precision", "fp16", "--run.out_dir", str(tmp_path)])
+    assert "run.precision = 'fp16' needs a GPU" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+    err = error_of(capsys, ["train", *QUICK, "--dist.device", "cuda", "--run.out_dir", str(tmp_path)])
+    assert "no CUDA device" in err and not any(tmp_path.iterdir())
+
+
+def test_resume_with_overrides_becomes_the_runs_config(capsys, tmp_path):
+    run_dir = tmp_path / "r"
+    assert main(["train", *QUICK, "--run.out_dir", str(tmp_path), "--run.name", "r"]) == 0
+    assert main(["train", "--resume", str(run_dir), "--schedule.epochs", "3", "--run.stop_after_epochs", "1"]) == 0
+    assert "after 2 epochs" in capsys.readouterr().out
+    assert tomllib.loads((run_dir / "config.toml").read_text())["schedule"]["epochs"] == 3.0
+    assert tomllib.loads((run_dir / "config.0.toml").read_text())["schedule"]["epochs"] == 1.0
+    assert main(["train", "--resume", str(run_dir)]) == 0  # no flags: continues the same run to 3 epochs
+    assert "after 3 epochs" in capsys.readouterr().out
+    assert not (run_dir / "config.1.toml").exists()  # nothing changed this time

@@ -126,6 +126,7 @@ def test_none_decay_and_warmup_equal_to_total():
     (dict(warmup_epochs=-1), "warmup_epochs = -1"),
     (dict(warmup_mode="linear"), "warmup_mode = 'linear' .*'gradual', 'constant', 'none'"),
     (dict(warmup_mode="constant", warmup_epochs=1), "warmup_start_lr = None .* 'constant'"),
+    (dict(warmup_mode="constant", warmup_epochs=1, warmup_start_lr=0.0), "warmup_start_lr = 0.0 .* lr 0"),
     (dict(warmup_start_lr=-0.1), "warmup_start_lr = -0.1"),
     (dict(decay="exp"), "decay = 'exp' .*'step', 'cosine', 'poly', 'none'"),
     (dict(milestones=(6, 3)), r"milestones = \[6.0, 3.0\]"),
