@@ -221,7 +221,9 @@ def _check_metadata(where: str, value: Any, meta: typing.Mapping[str, Any]) -> N
             raise ConfigError(f"{where} = {value!r}: must be > {lo}")
         if not meta.get("lo_open") and not value >= lo:
             raise ConfigError(f"{where} = {value!r}: must be >= {lo}")
-    if hi is not None and not value <= hi:
+    if hi is not None and meta.get("hi_open") and not value < hi:
+        raise ConfigError(f"{where} = {value!r}: must be < {hi}")
+    if hi is not None and not meta.get("hi_open") and not value <= hi:
         raise ConfigError(f"{where} = {value!r}: must be <= {hi}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} = {value!r}: must be finite")
@@ -365,6 +367,9 @@ def validate_relations(cfg: Config) -> None:
     if s.warmup_mode == "constant" and s.warmup_from == "zero" and s.warmup_epochs > 0:
         raise ConfigError("schedule.warmup_mode = 'constant' with schedule.warmup_from = 'zero' trains at lr 0 for "
                           "the whole warmup: use warmup_from = 'base_lr' (Goyal's constant warmup) or a gradual warmup")
+    options = getattr(cfg.optim, cfg.optim.name)
+    if getattr(options, "nesterov", False) and options.momentum == 0:
+        raise ConfigError(f"optim.{cfg.optim.name}.nesterov = true needs optim.{cfg.optim.name}.momentum > 0")
     betas = cfg.optim.lamb.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"optim.lamb.betas = {list(betas)}: must be two numbers in [0, 1)")

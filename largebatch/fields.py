@@ -16,9 +16,10 @@ def choice(default: str, choices: tuple[str, ...] | list[str], help: str = "") -
 
 
 def number(default: float | int, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           help: str = "") -> Any:
-    """A numeric field within [lo, hi] ((lo, hi] with lo_open); None leaves a side unbounded."""
-    return field(default=default, metadata={"min": lo, "max": hi, "lo_open": lo_open, "help": help})
+           hi_open: bool = False, help: str = "") -> Any:
+    """A numeric field within [lo, hi] (an open end with lo_open / hi_open); None leaves a side unbounded."""
+    return field(default=default, metadata={"min": lo, "max": hi, "lo_open": lo_open, "hi_open": hi_open,
+                                            "help": help})
 
 
 def plain(default: Any, help: str = "") -> Any:
@@ -34,5 +35,5 @@ def allowed(metadata: Any) -> str:
     if lo is None and hi is None:
         return ""
     left = "" if lo is None else (f"> {lo}" if metadata.get("lo_open") else f">= {lo}")
-    right = "" if hi is None else f"<= {hi}"
+    right = "" if hi is None else (f"< {hi}" if metadata.get("hi_open") else f"<= {hi}")
     return " and ".join(p for p in (left, right) if p)

@@ -39,7 +39,9 @@ def test_overrides_are_typed_by_field():
 
 @pytest.mark.parametrize("argv, words", [
     (["--optim.scaling", "cube"], ["optim.scaling", "'cube'", "'linear'", "'sqrt'"]),
-    (["--optim.sgd.momentum", "1.5"], ["optim.sgd.momentum", "1.5", "<= 1.0"]),
+    (["--optim.sgd.momentum", "1.5"], ["optim.sgd.momentum", "1.5", "< 1.0"]),
+    (["--optim.lars.momentum", "1"], ["optim.lars.momentum", "< 1.0"]),
+    (["--optim.sgd.nesterov", "true", "--optim.sgd.momentum", "0"], ["optim.sgd.nesterov", "momentum > 0"]),
     (["--optim.momentum", "0.9"], ["optim.momentum", "optim.sgd.momentum or optim.lars.momentum"]),
     (["--optim.lars", "1"], ["optim.lars is a table"]),
     (["--optim.lars.rate", "1"], ["optim.lars.rate", "trust_coefficient"]),

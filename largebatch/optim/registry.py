@@ -23,7 +23,7 @@ LARS_MODES = ("lars", "larc_clip", "larc_scale")
 class SGDOptions:
     """Momentum SGD (Goyal et al. 2017)."""
 
-    momentum: float = number(0.9, 0.0, 1.0, help="momentum m in [0, 1)")
+    momentum: float = number(0.9, 0.0, 1.0, hi_open=True, help="momentum m")
     nesterov: bool = plain(False, "Nesterov momentum")
     lr_in_momentum: bool = plain(True, "Goyal's form v <- m v + lr (g + wd w); false: torch.optim.SGD's form")
     momentum_correction: bool = plain(True, "rescale the buffer by lr_new / lr_old when the lr changes")
@@ -33,7 +33,7 @@ class SGDOptions:
 class LARSOptions:
     """LARS / LARC (You et al. 2017; NVIDIA apex)."""
 
-    momentum: float = number(0.9, 0.0, 1.0, help="momentum m in [0, 1)")
+    momentum: float = number(0.9, 0.0, 1.0, hi_open=True, help="momentum m")
     nesterov: bool = plain(False, "Nesterov momentum")
     trust_coefficient: float = number(0.001, 0.0, lo_open=True, help="eta in eta*|w|/(|g| + wd*|w| + eps)")
     mode: str = choice("lars", LARS_MODES, "larc_clip caps each layer's rate at the global lr")
