@@ -1,0 +1,770 @@
+"""Every config field reaches the component it configures.
+
+A field that validates, appears in `--help` and is saved in config.toml can still be dropped on
+its way to a constructor (a keyword left out in `build.py`, a constant where the trainer should
+pass the epoch), and nothing but a changed training result would show it. So each leaf field of
+`largebatch.config.Config` has a probe in `PROBES` that builds a run (or trains a tiny one) at two
+values of the field and observes the difference where the field takes effect: the lr schedule, an
+optimizer step checked against the update computed by hand, module attributes, the records in
+metrics.jsonl, the files of the run directory. `test_every_config_field_has_a_wiring_probe` makes a
+new field without a probe fail. One more test checks what no field names: that the trainer moves
+the sampler to each epoch, so every epoch draws a new order of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import re
+import shutil
+import tempfile
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import largebatch
+from largebatch.build import build_run
+from largebatch.checkpoint import load_checkpoint
+from largebatch.config import Config
+from largebatch.dist import DistEnv, ddp, init_distributed
+from largebatch.errors import NonFiniteLossError
+from largebatch.extensions import Extension
+from largebatch.extensions.grad_clip import GradClip
+from largebatch.metrics import read_metrics
+from largebatch.models.cifar_resnet import BasicBlock
+from largebatch.models.ghost_bn import GhostBatchNorm2d
+from largebatch.recipes import RECIPE_DIR
+from largebatch.run_dir import CONFIG_NAME
+from largebatch.state import RunState
+from largebatch.step import TrainStep
+
+# A run of a second or less: 256 synthetic 1x16x16 images, 4 steps of 64 per epoch in micro-batches
+# of 32 with BN over groups of 16, no augmentation (so the data a step sees is reproducible).
+SMALL = {"data.source": "synthetic", "data.synthetic_shape": [1, 16, 16], "data.synthetic_train": 256,
+         "data.synthetic_test": 64, "data.global_batch": 64, "data.micro_batch": 32, "data.bn_batch": 16,
+         "data.augment": "none", "data.eval_batch": 64, "schedule.epochs": 1, "schedule.warmup_epochs": 0.5,
+         "run.progress": False, "run.checkpoint": False, "run.log_every": 1}
+
+PROBES: dict[str, Callable[..., None]] = {}
+
+
+def probe(field: str) -> Callable:
+    """Register the decorated function as the probe of config field `field`; its parameters name
+    pytest fixtures (tmp_path, monkeypatch, capsys)."""
+
+    def register(check: Callable[..., None]) -> Callable[..., None]:
+        PROBES[field] = check
+        return check
+
+    return register
+
+
+def config_fields(cls: type = Config, prefix: str = "") -> set[str]:
+    """The dotted names of every leaf field of the config; a dataclass-typed field is a sub-table."""
+    types_ = typing.get_type_hints(cls)
+    names = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types_[f.name]):
+            names |= config_fields(types_[f.name], f"{prefix}{f.name}.")
+        else:
+            names.add(prefix + f.name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building and running through the config.
+
+
+def config(overrides: dict | None = None, recipe: str = "fmnist_goyal") -> Config:
+    return largebatch.load_config(recipe, SMALL | (overrides or {}))
+
+
+def built(overrides: dict | None = None) -> RunState:
+    """Every part of a run at world size 1, as the trainer builds it, writing nowhere."""
+    cfg = config(overrides)
+    return build_run(cfg, init_distributed(cfg.dist), run_dir=None)
+
+
+def trained(tmp_path: Path, overrides: dict | None = None, extensions=(), recipe: str = "fmnist_goyal"):
+    """Train through `largebatch.run` into a fresh out_dir under tmp_path; the result and its records."""
+    out_dir = tempfile.mkdtemp(dir=tmp_path)
+    cfg = config({"run.out_dir": out_dir, "run.name": "run"} | (overrides or {}), recipe)
+    result = largebatch.run(cfg, extensions=extensions)
+    return result, read_metrics(result.run_dir)
+
+
+def of_kind(records: list[dict], kind: str) -> list[dict]:
+    return [r for r in records if r["kind"] == kind]
+
+
+def parameters_of(state: RunState) -> dict[str, nn.Parameter]:
+    return dict(state.model.named_parameters())
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@dataclass(frozen=True)
+class SeenBatch:
+    training: bool
+    samples: tuple[int, ...]  # a hash of each sample's values
+
+
+class InputRecorder(Extension):
+    """Records every batch the model's forward receives (training steps and evaluation alike)."""
+
+    name = "input_recorder"
+
+    def __init__(self):
+        self.batches: list[SeenBatch] = []
+
+    def attach(self, ctx) -> None:
+        super().attach(ctx)
+        ctx.model.register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0].detach()
+        self.batches.append(SeenBatch(module.training, tuple(hash(s.numpy().tobytes()) for s in x)))
+
+    def sizes(self, training: bool) -> list[int]:
+        return [len(b.samples) for b in self.batches if b.training == training]
+
+
+def test_each_epoch_trains_on_a_new_order_of_the_data(tmp_path):
+    """The trainer moves the sampler to each epoch: epoch 1 sees every sample again, in another order."""
+    recorder = InputRecorder()
+    trained(tmp_path, {"schedule.epochs": 2}, extensions=[recorder])
+    train_batches = [b.samples for b in recorder.batches if b.training]
+    epoch0, epoch1 = train_batches[:8], train_batches[8:]
+    assert len(epoch1) == 8 and epoch1 != epoch0
+    assert sorted(sum(epoch0, ())) == sorted(sum(epoch1, ()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+def write_npz(path: Path, train: int, side: int) -> Path:
+    """A tiny npz data set of `train` training and 32 test grayscale side x side images, 10 classes."""
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (train, side, side), dtype=np.uint8), y_train=np.arange(train) % 10,
+             x_test=rng.integers(0, 256, (32, side, side), dtype=np.uint8), y_test=np.arange(32) % 10)
+    return path
+
+
+@probe("data.source")
+def data_source_picks_the_reader(tmp_path):
+    synthetic = built({"data.source": "synthetic"}).splits
+    npz = built({"data.source": "npz", "data.path": str(write_npz(tmp_path / "d.npz", 128, 12))}).splits
+    assert (len(synthetic.train), synthetic.image_size) == (256, 16)
+    assert (len(npz.train), npz.image_size) == (128, 12)
+
+
+@probe("data.path")
+def data_path_picks_the_file(tmp_path):
+    for train in (96, 128):
+        path = write_npz(tmp_path / f"train{train}.npz", train, 12)
+        assert len(built({"data.source": "npz", "data.path": str(path)}).splits.train) == train
+
+
+@probe("data.augment")
+def data_augment_flips_training_images():
+    indices = list(range(64))
+
+    def two_draws(augment: str) -> tuple[torch.Tensor, torch.Tensor]:
+        train = built({"data.augment": augment}).splits.train
+        return train.__getitems__(indices)[0], train.__getitems__(indices)[0]
+
+    plain_a, plain_b = two_draws("none")
+    flip_a, flip_b = two_draws("flip")
+    assert torch.equal(plain_a, plain_b)
+    assert not torch.equal(flip_a, flip_b)
+
+
+@probe("data.global_batch")
+def data_global_batch_sets_the_steps():
+    for global_batch, steps_per_epoch, accum_steps in ((64, 4, 2), (128, 2, 4)):
+        plan = built({"data.global_batch": global_batch}).plan
+        assert (plan.steps_per_epoch, plan.batches.accum_steps) == (steps_per_epoch, accum_steps)
+
+
+@probe("data.micro_batch")
+def data_micro_batch_cuts_the_samplers_batches():
+    for micro_batch, accum_steps in ((32, 2), (16, 4)):
+        state = built({"data.micro_batch": micro_batch})
+        assert {len(indices) for indices in state.sampler} == {micro_batch}
+        assert state.plan.batches.accum_steps == accum_steps
+
+
+@probe("data.bn_batch")
+def data_bn_batch_sets_the_ghost_bn_groups():
+    for bn_batch, groups in ((16, {16}), (8, {8}), (0, set())):
+        model = built({"data.bn_batch": bn_batch}).model
+        assert {m.bn_batch for m in model.modules() if isinstance(m, GhostBatchNorm2d)} == groups
+
+
+@probe("data.eval_batch")
+def data_eval_batch_sets_the_evaluation_forward_passes(tmp_path):
+    for eval_batch, sizes in ((64, [64]), (24, [24, 24, 16])):
+        recorder = InputRecorder()
+        trained(tmp_path, {"data.eval_batch": eval_batch}, extensions=[recorder])
+        assert recorder.sizes(training=False) == sizes
+
+
+@probe("data.workers")
+def data_workers_reach_both_loaders(tmp_path, monkeypatch):
+    workers_asked: list[int] = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            workers_asked.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    for workers in (0, 1):
+        workers_asked.clear()
+        trained(tmp_path, {"data.workers": workers})
+        assert workers_asked == [workers, workers]  # the training loader, then the evaluation loader
+
+
+@probe("data.synthetic_shape")
+def data_synthetic_shape_sets_the_images():
+    for shape in ([1, 16, 16], [3, 12, 12]):
+        splits = built({"data.synthetic_shape": shape}).splits
+        assert list(splits.train[0][0].shape) == shape
+        assert (splits.in_channels, splits.image_size) == (shape[0], shape[1])
+
+
+@probe("data.synthetic_classes")
+def data_synthetic_classes_sets_the_labels_and_logits():
+    for classes in (10, 3):
+        state = built({"data.synthetic_classes": classes})
+        assert state.splits.num_classes == classes and state.model.fc.out_features == classes
+        assert int(state.splits.train.labels.max()) < classes
+
+
+@probe("data.synthetic_train")
+def data_synthetic_train_sets_the_training_set():
+    for samples, steps_per_epoch in ((256, 4), (128, 2)):
+        state = built({"data.synthetic_train": samples})
+        assert (len(state.splits.train), state.plan.steps_per_epoch) == (samples, steps_per_epoch)
+
+
+@probe("data.synthetic_test")
+def data_synthetic_test_sets_the_test_set():
+    for samples in (64, 32):
+        assert len(built({"data.synthetic_test": samples}).splits.test) == samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# model
+
+
+@probe("model.name")
+def model_name_picks_the_network():
+    for name, cls in (("small_cnn", "SmallCNN"), ("resnet20", "CifarResNet")):
+        assert type(built({"model.name": name}).model).__name__ == cls
+
+
+@probe("model.zero_init_residual")
+def model_zero_init_residual_zeroes_the_last_gammas():
+    for zero, gamma in ((False, 1.0), (True, 0.0)):
+        model = built({"model.name": "resnet20", "model.zero_init_residual": zero}).model
+        last_gammas = [m.bn2.weight for m in model.modules() if isinstance(m, BasicBlock)]
+        assert len(last_gammas) == 9 and all(torch.all(g == gamma) for g in last_gammas)
+
+
+@probe("model.bn_momentum")
+def model_bn_momentum_reaches_every_bn():
+    for momentum in (0.1, 0.3):
+        assert {m.momentum for m in batch_norms(built({"model.bn_momentum": momentum}).model)} == {momentum}
+
+
+@probe("model.bn_eps")
+def model_bn_eps_reaches_every_bn():
+    for eps in (1e-5, 1e-3):
+        assert {m.eps for m in batch_norms(built({"model.bn_eps": eps}).model)} == {eps}
+
+
+@probe("model.channels_last")
+def model_channels_last_lays_out_weights_and_inputs():
+    for channels_last in (False, True):
+        state = built({"model.channels_last": channels_last, "data.synthetic_shape": [3, 16, 16]})
+        kernels = [p for p in state.model.parameters() if p.dim() == 4]
+        x, _ = state.place(torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+        for tensor in (*kernels, x):
+            assert tensor.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+# ---------------------------------------------------------------------------------------------------
+# optim: the learning rate, as the run's schedule gives it for each step
+
+
+# base_lr 0.1 stated for 32 samples: peak 0.2 at the global batch 64; 4 steps per epoch over 4
+# epochs, one epoch of gradual warmup from base_lr, then lr *= 0.1 at epochs 2 and 3.
+LR_BASE = {"optim.base_lr": 0.1, "optim.ref_batch": 32, "optim.scaling": "linear", "schedule.epochs": 4,
+           "schedule.warmup_epochs": 1, "schedule.warmup_mode": "gradual", "schedule.warmup_from": "base_lr",
+           "schedule.decay": "step", "schedule.milestones": [2, 3], "schedule.gamma": 0.1}
+COSINE_AT_EPOCH_3 = (1 + math.cos(math.pi * 2 / 3)) / 2  # 2 of the 3 decay epochs done
+
+
+def lr_sequence(overrides: dict) -> list[float]:
+    plan = built(LR_BASE | overrides).plan
+    return [plan.schedule(step) for step in range(plan.total_steps)]
+
+
+def lr_probe(field: str, cases: list[tuple], fixed: dict | None = None) -> None:
+    """Register a probe of `field`: for each (value, {step: lr}) the run's schedule gives these lrs."""
+
+    def check() -> None:
+        for value, expected in cases:
+            lrs = lr_sequence((fixed or {}) | {field: value})
+            assert {step: lrs[step] for step in expected} == pytest.approx(expected), f"{field} = {value!r}"
+
+    probe(field)(check)
+
+
+lr_probe("optim.base_lr", [(0.1, {0: 0.1, 4: 0.2}), (0.05, {0: 0.05, 4: 0.1})])
+lr_probe("optim.ref_batch", [(32, {4: 0.2}), (64, {4: 0.1})])
+lr_probe("optim.scaling", [("linear", {4: 0.2}), ("sqrt", {4: 0.1 * math.sqrt(2)}), ("none", {4: 0.1})])
+lr_probe("schedule.warmup_epochs", [(1, {2: 0.15}), (2, {2: 0.125})])
+lr_probe("schedule.warmup_mode", [("gradual", {2: 0.15}), ("constant", {2: 0.1}), ("none", {2: 0.2})])
+lr_probe("schedule.warmup_from", [("base_lr", {0: 0.1, 2: 0.15}), ("zero", {0: 0.0, 2: 0.1})])
+lr_probe("schedule.decay", [("step", {12: 0.002}), ("cosine", {12: 0.2 * COSINE_AT_EPOCH_3}),
+                            ("poly", {12: 0.2 / 9}), ("none", {12: 0.2})])
+lr_probe("schedule.milestones", [([2, 3], {8: 0.02}), ([3], {8: 0.2})])
+lr_probe("schedule.gamma", [(0.1, {8: 0.02, 12: 0.002}), (0.5, {8: 0.1, 12: 0.05})])
+lr_probe("schedule.poly_power", [(2.0, {12: 0.2 / 9}), (1.0, {12: 0.2 / 3})], fixed={"schedule.decay": "poly"})
+lr_probe("schedule.final_lr", [(0.0, {12: 0.2 * COSINE_AT_EPOCH_3}),
+                               (0.04, {12: 0.04 + 0.16 * COSINE_AT_EPOCH_3})], fixed={"schedule.decay": "cosine"})
+
+
+@probe("schedule.epochs")
+def schedule_epochs_sets_the_length():
+    for epochs, steps in ((4, 16), (2, 8)):
+        assert len(lr_sequence({"schedule.epochs": epochs})) == steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# optim: the optimizer, one or two steps with known gradients against the update computed by hand
+
+# float64 weights, no weight decay unless a probe sets it, and every option the updates computed by
+# hand below assume. exclude_bn_bias puts CONV (a kernel) in the "decay" group, with the layer-wise
+# trust ratio, and GAMMA (a BN scale) in "no_decay", without it.
+OPTIM_BASE = {"run.precision": "fp64", "optim.weight_decay": 0.0, "optim.exclude_bn_bias": True,
+              "optim.sgd.momentum": 0.9, "optim.sgd.nesterov": False, "optim.sgd.lr_in_momentum": True,
+              "optim.sgd.momentum_correction": True, "optim.lars.momentum": 0.9, "optim.lars.nesterov": False,
+              "optim.lars.trust_coefficient": 0.001, "optim.lars.mode": "lars", "optim.lars.eps": 0.0,
+              "optim.lamb.betas": [0.9, 0.999], "optim.lamb.eps": 1e-6, "optim.lamb.bias_correction": True,
+              "optim.lamb.trust_clip": 0.0}
+CONV, GAMMA = "features.0.weight", "features.1.weight"
+
+
+@dataclass
+class Stepped:
+    state: RunState
+    before: dict[str, torch.Tensor]  # the parameters before the first step
+    grads: list[dict[str, torch.Tensor]]  # the gradients of each step
+
+    def param(self, name: str) -> torch.Tensor:
+        return parameters_of(self.state)[name].detach()
+
+    def optimizer_state(self, name: str) -> dict:
+        return self.state.optimizer.state[parameters_of(self.state)[name]]
+
+
+def stepped(overrides: dict, lrs: tuple[float, ...] = (0.1,)) -> Stepped:
+    """The configured optimizer after one step per lr in `lrs`, each with fresh random gradients."""
+    state = built(OPTIM_BASE | overrides)
+    params = parameters_of(state)
+    before = {name: p.detach().clone() for name, p in params.items()}
+    generator = torch.Generator().manual_seed(0)
+    grads = []
+    for lr in lrs:
+        grads.append({name: torch.randn(p.shape, generator=generator, dtype=p.dtype) for name, p in params.items()})
+        for name, p in params.items():
+            p.grad = grads[-1][name].clone()
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.step()
+    return Stepped(state, before, grads)
+
+
+@probe("optim.name")
+def optim_name_picks_the_optimizer():
+    for name, cls in (("sgd", "MomentumSGD"), ("lars", "LARS"), ("lamb", "LAMB")):
+        assert type(built({"optim.name": name}).optimizer).__name__ == cls
+
+
+@probe("optim.weight_decay")
+def optim_weight_decay_enters_the_step():
+    for weight_decay in (0.0, 0.01):
+        s = stepped({"optim.weight_decay": weight_decay})
+        assert_close(s.param(CONV), s.before[CONV] - 0.1 * (s.grads[0][CONV] + weight_decay * s.before[CONV]))
+
+
+@probe("optim.exclude_bn_bias")
+def optim_exclude_bn_bias_spares_bn_from_weight_decay():
+    for exclude, groups, gamma_decay in ((False, ["decay"], 0.01), (True, ["decay", "no_decay"], 0.0)):
+        s = stepped({"optim.exclude_bn_bias": exclude, "optim.weight_decay": 0.01})
+        assert [g["name"] for g in s.state.optimizer.param_groups] == groups
+        assert_close(s.param(GAMMA), s.before[GAMMA] - 0.1 * (s.grads[0][GAMMA] + gamma_decay * s.before[GAMMA]))
+
+
+@probe("optim.label_smoothing")
+def optim_label_smoothing_enters_the_loss():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = torch.tensor([0, 2])
+    for smoothing in (0.0, 0.2):
+        criterion = built({"optim.label_smoothing": smoothing}).criterion
+        assert_close(criterion(logits, labels), F.cross_entropy(logits, labels, label_smoothing=smoothing))
+
+
+def global_grad_norm(model: nn.Module) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+
+
+def take_train_step(state: RunState) -> None:
+    micro_batches = (state.splits.train.__getitems__(indices) for indices in state.sampler)
+    TrainStep(state)(micro_batches, 0)
+
+
+@probe("optim.clip_grad_norm")
+def optim_clip_grad_norm_clips_the_step(tmp_path):
+    unclipped = built({"optim.clip_grad_norm": 0.0})
+    assert not any(isinstance(e, GradClip) for e in unclipped.extensions)
+    take_train_step(unclipped)
+    assert global_grad_norm(unclipped.model) > 0.01
+    clipped = built({"optim.clip_grad_norm": 0.001})
+    take_train_step(clipped)
+    assert global_grad_norm(clipped.model) == pytest.approx(0.001, rel=1e-4)
+    _, records = trained(tmp_path, {"optim.clip_grad_norm": 0.001})
+    assert all(r["grad_norm"] > 0.001 and r["clipped"] == 1.0 for r in of_kind(records, "train"))
+
+
+@probe("optim.sgd.momentum")
+def sgd_momentum_decays_the_buffer():
+    for momentum in (0.9, 0.5):
+        s = stepped({"optim.sgd.momentum": momentum}, lrs=(0.1, 0.1))
+        g1, g2 = s.grads[0][CONV], s.grads[1][CONV]
+        assert_close(s.optimizer_state(CONV)["momentum_buffer"], 0.1 * (momentum * g1 + g2))
+
+
+@probe("optim.sgd.nesterov")
+def sgd_nesterov_looks_ahead():
+    for nesterov, factor in ((False, 1.0), (True, 1.9)):  # momentum 0.9: w - lr g (1 + m) with Nesterov
+        s = stepped({"optim.sgd.nesterov": nesterov})
+        assert_close(s.param(CONV), s.before[CONV] - 0.1 * factor * s.grads[0][CONV])
+
+
+@probe("optim.sgd.lr_in_momentum")
+def sgd_lr_in_momentum_scales_the_buffer():
+    for lr_inside, scale in ((True, 0.1), (False, 1.0)):
+        s = stepped({"optim.sgd.lr_in_momentum": lr_inside})
+        assert_close(s.optimizer_state(CONV)["momentum_buffer"], scale * s.grads[0][CONV])
+
+
+@probe("optim.sgd.momentum_correction")
+def sgd_momentum_correction_rescales_the_buffer_when_the_lr_changes():
+    for correction in (True, False):
+        s = stepped({"optim.sgd.momentum_correction": correction}, lrs=(0.1, 0.2))
+        g1, g2 = s.grads[0][CONV], s.grads[1][CONV]
+        old = 0.9 * 0.1 * g1 * (0.2 / 0.1 if correction else 1.0)
+        assert_close(s.optimizer_state(CONV)["momentum_buffer"], old + 0.2 * g2)
+
+
+LARS = {"optim.name": "lars"}
+
+
+def lars_trust(s: Stepped, name: str, eta: float = 0.001, eps: float = 0.0) -> torch.Tensor:
+    """LARS's trust ratio eta |w| / (|g| + wd |w| + eps) of the first step (weight decay 0)."""
+    return eta * s.before[name].norm() / (s.grads[0][name].norm() + eps)
+
+
+@probe("optim.lars.momentum")
+def lars_momentum_decays_the_buffer():
+    for momentum in (0.9, 0.5):
+        s = stepped(LARS | {"optim.lars.momentum": momentum}, lrs=(0.1, 0.1))
+        g1, g2 = s.grads[0][GAMMA], s.grads[1][GAMMA]  # no trust ratio on GAMMA: plain momentum SGD
+        assert_close(s.optimizer_state(GAMMA)["momentum_buffer"], 0.1 * (momentum * g1 + g2))
+
+
+@probe("optim.lars.nesterov")
+def lars_nesterov_looks_ahead():
+    for nesterov, factor in ((False, 1.0), (True, 1.9)):
+        s = stepped(LARS | {"optim.lars.nesterov": nesterov})
+        assert_close(s.param(GAMMA), s.before[GAMMA] - 0.1 * factor * s.grads[0][GAMMA])
+
+
+@probe("optim.lars.trust_coefficient")
+def lars_trust_coefficient_sets_the_local_lr():
+    for eta in (0.001, 0.02):
+        s = stepped(LARS | {"optim.lars.trust_coefficient": eta})
+        assert_close(s.optimizer_state(CONV)["local_lr"], lars_trust(s, CONV, eta=eta))
+
+
+@probe("optim.lars.mode")
+def lars_mode_clips_the_local_lr():
+    for mode, divisor in (("lars", 1.0), ("larc_clip", 0.5)):  # larc_clip: min(trust / lr, 1), lr 0.5
+        s = stepped(LARS | {"optim.lars.mode": mode}, lrs=(0.5,))
+        assert lars_trust(s, CONV) / divisor < 1
+        assert_close(s.optimizer_state(CONV)["local_lr"], lars_trust(s, CONV) / divisor)
+
+
+@probe("optim.lars.eps")
+def lars_eps_enters_the_trust_ratio():
+    for eps in (0.0, 5.0):
+        s = stepped(LARS | {"optim.lars.eps": eps})
+        assert_close(s.optimizer_state(CONV)["local_lr"], lars_trust(s, CONV, eps=eps))
+
+
+@probe("optim.lars.compiled")
+def lars_compiled_reaches_the_optimizer():  # a compiled step takes a minute: only the switch is checked
+    for compiled in (False, True):
+        assert built(LARS | {"optim.lars.compiled": compiled}).optimizer.compiled is compiled
+
+
+LAMB = {"optim.name": "lamb"}
+
+
+def lamb_first_update(s: Stepped, name: str, eps: float = 1e-6) -> torch.Tensor:
+    """LAMB's first update of a parameter with bias correction and no weight decay: g / (|g| + eps)."""
+    g = s.grads[0][name]
+    return g / (g.abs() + eps)
+
+
+@probe("optim.lamb.betas")
+def lamb_betas_weigh_the_moments():
+    for b1, b2 in ((0.9, 0.999), (0.5, 0.9)):
+        s = stepped(LAMB | {"optim.lamb.betas": [b1, b2]})
+        g, state = s.grads[0][CONV], s.optimizer_state(CONV)
+        assert_close(state["exp_avg"], (1 - b1) * g)
+        assert_close(state["exp_avg_sq"], (1 - b2) * g * g)
+
+
+@probe("optim.lamb.eps")
+def lamb_eps_enters_the_update():
+    for eps in (1e-6, 0.5):
+        s = stepped(LAMB | {"optim.lamb.eps": eps})
+        assert_close(s.param(GAMMA), s.before[GAMMA] - 0.1 * lamb_first_update(s, GAMMA, eps))
+
+
+@probe("optim.lamb.bias_correction")
+def lamb_bias_correction_rescales_the_moments():
+    s = stepped(LAMB | {"optim.lamb.bias_correction": True})
+    assert_close(s.param(GAMMA), s.before[GAMMA] - 0.1 * lamb_first_update(s, GAMMA))
+    s = stepped(LAMB | {"optim.lamb.bias_correction": False})
+    g = s.grads[0][GAMMA]  # m = (1 - b1) g, v = (1 - b2) g^2, used as they are
+    assert_close(s.param(GAMMA), s.before[GAMMA] - 0.1 * (1 - 0.9) * g / (math.sqrt(1 - 0.999) * g.abs() + 1e-6))
+
+
+@probe("optim.lamb.trust_clip")
+def lamb_trust_clip_caps_the_trust_ratio():
+    s = stepped(LAMB | {"optim.lamb.trust_clip": 0.0})
+    ratio = s.before[CONV].norm() / lamb_first_update(s, CONV).norm()
+    assert ratio > 0.001
+    assert_close(s.optimizer_state(CONV)["trust_ratio"], ratio)
+    s = stepped(LAMB | {"optim.lamb.trust_clip": 0.001})
+    assert_close(s.optimizer_state(CONV)["trust_ratio"], torch.tensor(0.001, dtype=torch.float64))
+
+
+@probe("optim.lamb.compiled")
+def lamb_compiled_reaches_the_optimizer():
+    for compiled in (False, True):
+        assert built(LAMB | {"optim.lamb.compiled": compiled}).optimizer.compiled is compiled
+
+
+# ---------------------------------------------------------------------------------------------------
+# dist
+
+
+@probe("dist.device")
+def dist_device_places_the_model():
+    assert {p.device.type for p in built({"dist.device": "cpu"}).model.parameters()} == {"cpu"}
+    if torch.cuda.is_available():
+        assert {p.device.type for p in built({"dist.device": "cuda"}).model.parameters()} == {"cuda"}
+    else:
+        with pytest.raises(RuntimeError, match="dist.device = 'cuda' but no CUDA device"):
+            built({"dist.device": "cuda"})
+
+
+@probe("dist.backend")
+def dist_backend_reaches_the_process_group(monkeypatch):
+    """As rank 0 of a 2-process job, with torch's process group replaced by a recorder."""
+    requested: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **_: requested.append(backend))
+    for backend in ("gloo", "nccl"):
+        env = init_distributed(config({"dist.backend": backend}).dist)
+        assert env.backend == backend and requested[-1] == backend
+
+
+def ddp_arguments(monkeypatch, overrides: dict) -> dict:
+    """What `build_run` hands DistributedDataParallel, in a process that believes it is distributed."""
+    received: dict = {}
+
+    def record(module: nn.Module, **kwargs) -> nn.Module:
+        received.update(kwargs)
+        return module
+
+    monkeypatch.setattr(ddp, "DistributedDataParallel", record)
+    monkeypatch.setattr(ddp, "check_same_init", lambda model, env: None)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+    build_run(config(overrides), env, run_dir=None)
+    return received
+
+
+@probe("dist.bucket_cap_mb")
+def dist_bucket_cap_mb_reaches_ddp(monkeypatch):
+    for megabytes in (25.0, 5.0):
+        assert ddp_arguments(monkeypatch, {"dist.bucket_cap_mb": megabytes})["bucket_cap_mb"] == megabytes
+
+
+@probe("dist.broadcast_buffers")
+def dist_broadcast_buffers_reaches_ddp(monkeypatch):
+    for broadcast in (True, False):
+        assert ddp_arguments(monkeypatch, {"dist.broadcast_buffers": broadcast})["broadcast_buffers"] is broadcast
+
+
+# ---------------------------------------------------------------------------------------------------
+# run
+
+
+@probe("recipe")
+def recipe_names_the_run(tmp_path):
+    copy = shutil.copy(RECIPE_DIR / "fmnist_goyal.toml", tmp_path / "wiring_recipe.toml")
+    for recipe, name in (("fmnist_goyal", "fmnist_goyal"), (str(copy), "wiring_recipe")):
+        result, _ = trained(tmp_path, {"run.name": ""}, recipe=recipe)
+        assert re.fullmatch(rf"{name}-\d{{8}}-\d{{6}}", result.run_dir.name)
+        assert tomllib.loads((result.run_dir / CONFIG_NAME).read_text())["recipe"] == name
+
+
+@probe("run.out_dir")
+def run_out_dir_holds_the_run(tmp_path):
+    for out_dir in (tmp_path / "a", tmp_path / "b"):
+        result, _ = trained(tmp_path, {"run.out_dir": str(out_dir)})
+        assert result.run_dir == out_dir / "run" and (out_dir / "run" / "metrics.jsonl").is_file()
+
+
+@probe("run.name")
+def run_name_names_the_run_directory(tmp_path):
+    for name in ("first", "second"):
+        result, _ = trained(tmp_path, {"run.name": name})
+        assert result.run_dir.name == name and (result.run_dir / "metrics.jsonl").is_file()
+
+
+@probe("run.seed")
+def run_seed_sets_the_init_and_the_data_order():
+    first, second = built({"run.seed": 0}), built({"run.seed": 1})
+    assert not torch.equal(parameters_of(first)[CONV], parameters_of(second)[CONV])
+    assert next(iter(first.sampler)) != next(iter(second.sampler))
+    assert not torch.equal(first.splits.train.images, second.splits.train.images)
+
+
+@probe("run.precision")
+def run_precision_sets_weights_and_autocast():
+    x = torch.randn(2, 1, 16, 16)
+    for precision, weights, logits in (("fp32", torch.float32, torch.float32), ("bf16", torch.float32, torch.bfloat16),
+                                       ("fp64", torch.float64, torch.float64)):
+        state = built({"run.precision": precision})
+        assert {p.dtype for p in state.model.parameters()} == {weights}
+        with state.autocast():
+            assert state.model(state.place(x, torch.zeros(2, dtype=torch.long))[0]).dtype == logits
+
+
+@probe("run.threads")
+def run_threads_sets_torchs_threads():
+    before = torch.get_num_threads()
+    try:
+        built({"run.threads": 0})
+        assert torch.get_num_threads() == before
+        built({"run.threads": before + 1})
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@probe("run.log_every")
+def run_log_every_spaces_the_train_records(tmp_path):
+    for every, steps in ((1, [1, 2, 3, 4, 5, 6, 7, 8]), (3, [3, 6])):
+        _, records = trained(tmp_path, {"schedule.epochs": 2, "run.log_every": every})
+        assert [r["step"] for r in of_kind(records, "train")] == steps
+
+
+@probe("run.trust_log_every")
+def run_trust_log_every_spaces_the_trust_records(tmp_path):
+    for every, steps in ((0, []), (3, [3, 6])):
+        _, records = trained(tmp_path, LARS | {"schedule.epochs": 2, "run.trust_log_every": every})
+        assert [r["step"] for r in of_kind(records, "trust")] == steps
+
+
+@probe("run.eval_every")
+def run_eval_every_spaces_the_evaluations(tmp_path):
+    for every, epochs in ((1, [1, 2, 3]), (2, [2, 3])):
+        _, records = trained(tmp_path, {"schedule.epochs": 3, "run.eval_every": every})
+        assert [r["epoch"] for r in of_kind(records, "epoch")] == epochs
+
+
+@probe("run.stop_after_epochs")
+def run_stop_after_epochs_ends_the_session(tmp_path):
+    for stop_after, epochs, steps, last_event in ((0, 2, 8, "run_final"), (1, 1, 4, "session_stop")):
+        result, records = trained(tmp_path, {"schedule.epochs": 2, "run.stop_after_epochs": stop_after})
+        assert (result.epochs, result.steps, records[-1]["key"]) == (epochs, steps, last_event)
+
+
+@probe("run.checkpoint")
+def run_checkpoint_writes_the_checkpoint(tmp_path):
+    result, _ = trained(tmp_path, {"run.checkpoint": False})
+    assert not (result.run_dir / "checkpoint.pt").exists()
+    result, _ = trained(tmp_path, {"run.checkpoint": True})
+    assert load_checkpoint(result.run_dir / "checkpoint.pt")["progress"]["step"] == 4
+
+
+@probe("run.target_accuracy")
+def run_target_accuracy_times_the_run(tmp_path):
+    result, _ = trained(tmp_path, {"run.target_accuracy": 0.0})
+    assert result.time_to_accuracy_s is None
+    result, _ = trained(tmp_path, {"run.target_accuracy": 0.01})
+    assert result.test.accuracy >= 0.01 and 0 < result.time_to_accuracy_s <= result.wall_s
+
+
+@probe("run.on_nonfinite")
+def run_on_nonfinite_stops_or_skips(tmp_path):
+    diverging = {"optim.base_lr": 1e30, "schedule.warmup_epochs": 0}
+    with pytest.raises(NonFiniteLossError):
+        trained(tmp_path, diverging | {"run.on_nonfinite": "stop"})
+    result, records = trained(tmp_path, diverging | {"run.on_nonfinite": "skip"})
+    assert result.skipped_steps > 0 and len(of_kind(records, "skip")) == result.skipped_steps
+
+
+@probe("run.progress")
+def run_progress_shows_the_bar(tmp_path, capsys):
+    for progress in (False, True):
+        trained(tmp_path, {"run.progress": progress})
+        assert ("train:" in capsys.readouterr().err) is progress
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tests (after every probe is registered).
+
+
+def test_every_config_field_has_a_wiring_probe():
+    assert config_fields() == set(PROBES)
+
+
+@pytest.mark.parametrize("field", sorted(PROBES))
+def test_config_field_reaches_its_component(field, request):
+    check = PROBES[field]
+    check(**{name: request.getfixturevalue(name) for name in inspect.signature(check).parameters})
