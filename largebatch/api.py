@@ -38,6 +38,25 @@ def load_config(recipe: str = recipes.DEFAULT_RECIPE, overrides: Mapping[str, An
     return config_from_dict(apply_overrides(tree, overrides or {}), recipe=name)
 
 
+def load_for_auto_resume(recipe: str = recipes.DEFAULT_RECIPE,
+                         overrides: Mapping[str, Any] | None = None) -> tuple[Config, Path, bool]:
+    """For a run that may be a restart of itself (`--resume auto`, torchrun --max-restarts): the run
+    directory run.out_dir/run.name holds a checkpoint → (its saved config + overrides, the
+    directory, True); otherwise → (recipe + overrides, the directory, False), and a directory there
+    holds no more than an attempt that died before its first checkpoint, to be replaced."""
+    from largebatch.checkpoint import checkpoints_in
+
+    fresh = load_config(recipe, overrides)
+    if not fresh.run.name:
+        raise ConfigError("--resume auto needs a fixed run directory: give --run.name (and --run.out_dir)")
+    if not fresh.run.checkpoint:
+        raise ConfigError("--resume auto needs run.checkpoint = true: it resumes from the newest checkpoint")
+    run_dir = resolve_run_dir(fresh)
+    if checkpoints_in(run_dir):
+        return load_config(overrides=overrides, resume_dir=run_dir), run_dir, True
+    return fresh, run_dir, False
+
+
 def launched_world_size() -> int:
     """World size as torchrun announces it (1 without torchrun), read without importing torch."""
     return int(os.environ.get("WORLD_SIZE", "1"))

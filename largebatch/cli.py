@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from largebatch import recipes
-from largebatch.api import check_data_path, is_main_process, launched_world_size, load_config, run
+from largebatch.api import (check_data_path, is_main_process, launched_world_size, load_config, load_for_auto_resume,
+                            run)
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
 from largebatch.errors import UserError
 from largebatch.plan import peak_lr
@@ -46,26 +47,48 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    cfg = load_config(args.recipe, parse_overrides(extra), resume_dir=args.resume)
-    result = run(cfg, args.resume, resume=args.resume is not None, overwrite=args.overwrite)
-    if is_main_process():
-        if result.test is not None:
-            print(f"final test accuracy: {100 * result.test.accuracy:.2f}% (loss {result.test.loss:.4f}, "
-                  f"{result.test.samples} samples) after {result.epochs} epochs, {result.steps} steps, "
-                  f"{result.wall_s:.1f} s on {launched_world_size()} process(es)")
-        if result.time_to_accuracy_s is not None:
-            print(f"time to {100 * cfg.run.target_accuracy:.1f}% accuracy: {result.time_to_accuracy_s:.1f} s")
-        print(f"run directory: {result.run_dir}")
+    overrides = parse_overrides(extra)
+    if args.resume == "auto":
+        cfg, run_dir, resume = load_for_auto_resume(args.recipe, overrides)
+        result = run(cfg, run_dir, resume=resume, overwrite=not resume)
+    else:
+        cfg = load_config(args.recipe, overrides, resume_dir=args.resume)
+        result = run(cfg, args.resume, resume=args.resume is not None, overwrite=args.overwrite)
+    if not is_main_process():
+        return 0
+    if result.resumed_from is not None:
+        print(f"resumed from {result.resumed_from}")
+    if result.already_finished:
+        print(f"the run in {result.run_dir} is already finished ({result.steps} steps, {result.epochs} epochs); "
+              "nothing was trained or written. To train longer, resume with a larger --schedule.epochs")
+        return 0
+    if result.test is not None:
+        print(f"final test accuracy: {100 * result.test.accuracy:.2f}% (loss {result.test.loss:.4f}, "
+              f"{result.test.samples} samples) after {result.epochs} epochs, {result.steps} steps, "
+              f"{result.wall_s:.1f} s on {launched_world_size()} process(es)")
+    if result.skipped_steps:
+        print(f"warning: {result.skipped_steps} of {result.steps} steps were skipped for a non-finite loss "
+              f"(run.on_nonfinite = 'skip'); see the 'skip' records in metrics.jsonl")
+    if result.time_to_accuracy_s is not None:
+        print(f"time to {100 * cfg.run.target_accuracy:.1f}% accuracy: {result.time_to_accuracy_s:.1f} s")
+    print(f"run directory: {result.run_dir}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from largebatch.checkpoint import CHECKPOINT_NAME
+    from largebatch.checkpoint import load_checkpoint, load_latest
     from largebatch.evaluate import evaluate_checkpoint
 
     cfg = load_config(overrides=parse_overrides(extra), resume_dir=args.run_dir)
     check_data_path(cfg)
-    result = evaluate_checkpoint(cfg, Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / CHECKPOINT_NAME)
+    if args.checkpoint:
+        path, state = Path(args.checkpoint), load_checkpoint(Path(args.checkpoint))
+    else:
+        path, state, passed_over = load_latest(Path(args.run_dir))
+        for line in passed_over:
+            print(f"largebatch: warning: {line}; using an older checkpoint", file=sys.stderr)
+    print(f"checkpoint {path} (step {state['progress']['step']})")
+    result = evaluate_checkpoint(cfg, state["model"])
     if result is not None:
         print(f"test accuracy: {100 * result.accuracy:.2f}%  loss {result.loss:.4f}  samples {result.samples}")
     return 0
@@ -115,12 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = command("train", "train a model from a recipe", cmd_train)
     train.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                       "(its saved config, plus any overrides, which become the run's config)")
+    train.add_argument("--resume", metavar="RUN_DIR|auto", help="continue the run in RUN_DIR from its newest "
+                       "checkpoint (its saved config, plus any overrides, which become the run's config); 'auto': "
+                       "resume run.out_dir/run.name if it holds a checkpoint, else start it (for torchrun "
+                       "--max-restarts)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     evaluate = command("eval", "evaluate a run's checkpoint on its test set", cmd_eval)
-    evaluate.add_argument("run_dir", help="a run directory (holds config.toml and checkpoint.pt)")
-    evaluate.add_argument("--checkpoint", help="a checkpoint other than RUN_DIR/checkpoint.pt")
+    evaluate.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints)")
+    evaluate.add_argument("--checkpoint", help="a checkpoint other than the run's newest")
     config = command("config", "print the resolved config (TOML) with the derived batch plan and peak lr", cmd_config)
     config.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
     config.add_argument("--resume", metavar="RUN_DIR", help="start from the config of the run in RUN_DIR")

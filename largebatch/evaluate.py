@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from largebatch import build, checkpoint
+from largebatch import build
 from largebatch.config import Config
 from largebatch.data import collate_batch
 from largebatch.data.sampler import EvalBatchSampler
@@ -32,7 +32,8 @@ class EvalResult:
 def eval_loader(dataset, batch_size: int, env: DistEnv, workers: int) -> torch.utils.data.DataLoader:
     sampler = EvalBatchSampler(len(dataset), batch_size, env.rank, env.world_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
-                                       num_workers=workers, pin_memory=env.device.type == "cuda")
+                                       num_workers=workers, pin_memory=env.device.type == "cuda",
+                                       generator=torch.Generator())  # leaves the global RNG to augmentation
 
 
 @torch.no_grad()
@@ -55,13 +56,13 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast: Callable[[], Abst
     return EvalResult(loss_sum / samples, correct / samples, int(samples))
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint_path: Path) -> EvalResult | None:
-    """Score a saved model on its test set (exact over however many ranks run this); rank 0 gets the result."""
+def evaluate_checkpoint(cfg: Config, model_state: dict) -> EvalResult | None:
+    """Score saved model weights on the test set (exact over however many ranks run this); rank 0 gets the result."""
     env = init_distributed(cfg.dist)
     try:
         splits = build.build_data(cfg)
         model = build.build_network(cfg, splits, env.device)
-        model.load_state_dict(checkpoint.load_checkpoint(checkpoint_path, map_location=env.device)["model"])
+        model.load_state_dict(model_state)
         loader = eval_loader(splits.test, cfg.data.eval_batch, env, cfg.data.workers)
         result = evaluate(model, loader, env, autocast_factory(cfg.run.precision, env.device),
                           build.input_placement(cfg, env.device))

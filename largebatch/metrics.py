@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,23 +23,42 @@ def _json_safe(value: Any) -> Any:
 
 
 class RunLogger:
-    """Appends records to `run_dir/metrics.jsonl` and mirrors numeric fields to TensorBoard."""
+    """Appends records to `run_dir/metrics.jsonl` and mirrors numeric fields to TensorBoard.
+
+    Nothing is opened until the first record (or `open`), so a run that ends before it writes
+    nothing. A resumed run opens with `after_step`, the step of the checkpoint it continues from:
+    records of later steps, which the interrupted session wrote after that checkpoint and the
+    resumed one will write again, are dropped from metrics.jsonl and purged from TensorBoard, so
+    each step is recorded once."""
 
     def __init__(self, run_dir: Path | None, tensorboard: bool = True):
         self.enabled = run_dir is not None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.tensorboard = tensorboard
         self._file = None
         self._writer = None
-        if not self.enabled:
+
+    def open(self, after_step: int | None = None) -> None:
+        if not self.enabled or self._file is not None:
             return
-        self._file = open(Path(run_dir) / METRICS_NAME, "a", encoding="utf-8")
-        if tensorboard:
+        path = self.run_dir / METRICS_NAME
+        if after_step is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= after_step]
+            tmp = path.with_name(f".{METRICS_NAME}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8")
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it writes
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                         purge_step=None if after_step is None else after_step + 1)
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
+        self.open()
         record = {"kind": kind, "step": step, "time": time.time()} | {k: _json_safe(v) for k, v in values.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

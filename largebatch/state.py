@@ -8,6 +8,7 @@ call; saving and restoring do not change.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -66,6 +67,11 @@ class RankRngStates:
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         if len(states) == self.collectives.world_size:
             checkpoint.restore_rng_state(states[self.collectives.rank])
+        elif self.collectives.rank == 0:
+            print(f"largebatch: warning: the checkpoint was written by {len(states)} processes and this run has "
+                  f"{self.collectives.world_size}: random generators start again from the seed, so augmentations "
+                  "differ from an uninterrupted run (the model, optimizer and data order are restored)",
+                  file=sys.stderr)
 
 
 @dataclass
@@ -115,17 +121,22 @@ class RunState:
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
 
-    def save(self, path: Path | None) -> None:
-        """Write the checkpoint atomically from the rank given a path (rank 0); every rank calls this."""
+    def save(self, run_dir: Path | None) -> Path | None:
+        """Write the checkpoint of the current step atomically into `run_dir` (given to rank 0 only;
+        every rank calls this) and return its path."""
         state = self.state_dict()
-        if path is not None:
-            checkpoint.save_atomic({"format": checkpoint.FORMAT_VERSION, **state}, path)
+        if run_dir is None:
+            return None
+        return checkpoint.save_checkpoint({"format": checkpoint.FORMAT_VERSION, **state}, run_dir,
+                                          self.progress.step, self.cfg.run.keep_checkpoints)
 
-    def restore(self, path: Path) -> None:
-        """Load a checkpoint written by `save` into every part (weights_only: data, never code)."""
-        state = checkpoint.load_checkpoint(path, map_location=self.env.device)
+    def restore(self, run_dir: Path) -> tuple[Path, list[str]]:
+        """Load the newest checkpoint of `run_dir` that loads into every part (weights_only: data,
+        never code); returns its path and a line for each damaged newer one passed over."""
+        path, state, passed_over = checkpoint.load_latest(run_dir, map_location=self.env.device)
         missing = [name for name in self.parts if name not in state]
         if missing:
             raise CheckpointError(f"checkpoint {path} holds no state for {', '.join(missing)}: it was written by a "
                                   "run without these parts")
         self.load_state_dict(state)
+        return path, passed_over

@@ -42,6 +42,9 @@ class TrainStep:
         s.optimizer.zero_grad(set_to_none=True)
         for extension in self.extensions:
             extension.before_step(step)
+        # A skipped step must not leave its forward pass in the BN running statistics either.
+        buffers = [b for b in s.model.buffers()] if s.cfg.run.on_nonfinite == "skip" else []
+        saved_buffers = [b.clone() for b in buffers]
 
         loss_sum = torch.zeros((), device=s.env.device)
         for i in range(plan.accum_steps):
@@ -65,6 +68,11 @@ class TrainStep:
                 extension.on_gradients(step)
             s.scaler.step(s.optimizer)  # GradScaler also skips steps whose fp16 gradients overflowed
             s.scaler.update()
+        else:
+            for buffer, saved in zip(buffers, saved_buffers):
+                buffer.copy_(saved)
+            if s.scaler.is_enabled():  # lower the loss scale as an fp16 overflow would, or it never recovers
+                s.scaler.update(new_scale=s.scaler.get_scale() * s.scaler.get_backoff_factor())
         for extension in self.extensions:
             extension.after_step(step, applied)
         return StepOutcome(lr, global_loss, applied)

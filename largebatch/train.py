@@ -7,6 +7,7 @@ needs the step counter; everything else a resume needs is in the run state's one
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from largebatch import build, checkpoint
+from largebatch import build
 from largebatch.config import Config
 from largebatch.data import collate_batch
 from largebatch.dist import init_distributed, shutdown
@@ -29,12 +30,14 @@ from largebatch.step import TrainStep
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path | None
-    test: EvalResult | None  # the last evaluation
+    test: EvalResult | None  # the last evaluation of this session
     epochs: int
     steps: int
     skipped_steps: int
     wall_s: float  # MLPerf-style: run_start to run_final
     time_to_accuracy_s: float | None  # first evaluation reaching run.target_accuracy
+    resumed_from: Path | None = None  # the checkpoint this session continued from
+    already_finished: bool = False  # resumed a run that had no steps left: nothing was trained or written
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
@@ -46,20 +49,32 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     try:
         state = build.build_run(cfg, env, run_dir if env.is_main else None, extensions)
         try:
+            resumed_from = None
             if resume:
-                state.restore(run_dir / checkpoint.CHECKPOINT_NAME)
-            return _train(state, run_dir if env.is_main else None)
+                resumed_from, passed_over = state.restore(run_dir)
+                if env.is_main:
+                    for line in passed_over:
+                        print(f"largebatch: warning: {line}; using an older checkpoint", file=sys.stderr)
+            if state.progress.step >= state.plan.total_steps:
+                p = state.progress
+                return TrainResult(run_dir if env.is_main else None, None, p.epoch, p.step, p.skipped_steps, 0.0,
+                                   p.time_to_accuracy_s, resumed_from, already_finished=True)
+            state.logger.open(after_step=state.progress.step if resume else None)
+            return _train(state, run_dir if env.is_main else None, resumed_from)
         finally:
             state.logger.close()
     finally:
         shutdown(env)
 
 
-def _train(state: RunState, run_dir: Path | None) -> TrainResult:
+def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> TrainResult:
     cfg, env, plan, progress, logger = state.cfg, state.env, state.plan, state.progress, state.logger
+    # The loader draws its workers' base seed from its own generator, not from the global one that the
+    # augmentations use: otherwise starting an epoch's iterator mid-epoch (a resume) would shift them.
     train_loader = torch.utils.data.DataLoader(
         state.splits.train, batch_sampler=state.sampler, collate_fn=collate_batch, num_workers=cfg.data.workers,
-        pin_memory=env.device.type == "cuda", persistent_workers=False)
+        pin_memory=env.device.type == "cuda", persistent_workers=False,
+        generator=torch.Generator().manual_seed(cfg.run.seed + env.rank))
     test_loader = eval_loader(state.splits.test, cfg.data.eval_batch, env, cfg.data.workers)
     b = plan.batches
     logger.log("plan", progress.step, world_size=b.world_size, global_batch=b.global_batch, per_worker=b.per_worker,
@@ -93,6 +108,10 @@ def _train(state: RunState, run_dir: Path | None) -> TrainResult:
                 window.add(outcome.loss)
             progress.step += 1
             bar.update(1)
+            if (cfg.run.checkpoint and cfg.run.checkpoint_every and progress.step % cfg.run.checkpoint_every == 0
+                    and progress.step < plan.epoch_end(epoch)):  # epoch ends save below, after evaluation
+                progress.elapsed_s = time.perf_counter() - run_start
+                state.save(run_dir)
             if progress.step % cfg.run.log_every == 0:
                 seconds = time.perf_counter() - window.start
                 extra = {k: v for extension in state.extensions for k, v in extension.log_values().items()}
@@ -116,7 +135,7 @@ def _train(state: RunState, run_dir: Path | None) -> TrainResult:
         progress.elapsed_s = time.perf_counter() - run_start
         session_epochs += 1
         if cfg.run.checkpoint:
-            state.save(run_dir / checkpoint.CHECKPOINT_NAME if run_dir is not None else None)
+            state.save(run_dir)
     bar.close()
     wall_s = time.perf_counter() - run_start
     finished = progress.step >= plan.total_steps
@@ -124,7 +143,7 @@ def _train(state: RunState, run_dir: Path | None) -> TrainResult:
                         accuracy=last_eval.accuracy if last_eval else None,
                         time_to_accuracy_s=progress.time_to_accuracy_s)
     return TrainResult(run_dir, last_eval, progress.epoch, progress.step, progress.skipped_steps, wall_s,
-                       progress.time_to_accuracy_s)
+                       progress.time_to_accuracy_s, resumed_from)
 
 
 class _Window:

@@ -1,8 +1,10 @@
 """The command line: help, recipe listing, and bad input reported in one line with nothing half-written."""
 
+import re
 import tomllib
 
 import pytest
+import torch
 from PIL import Image
 
 from largebatch.cli import main
@@ -89,9 +91,28 @@ def test_unreadable_image_is_named(capsys, tmp_path):
 def test_corrupt_checkpoint_is_named(capsys, tmp_path):
     argv = ["train", *QUICK, "--run.out_dir", str(tmp_path), "--run.name", "r"]
     assert main(argv) == 0
-    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"garbage")
+    newest = tmp_path / "r" / "checkpoint-00000002.pt"
+    assert (tmp_path / "r" / "checkpoint.pt").resolve() == newest
+    newest.write_bytes(b"garbage")
     err = error_of(capsys, ["eval", str(tmp_path / "r")])
-    assert str(tmp_path / "r" / "checkpoint.pt") in err and "corrupt" in err
+    assert str(newest) in err and "corrupt" in err
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("the payload ran",))
+
+
+def test_pickle_payload_checkpoint_is_refused_without_unsafe_advice(capsys, tmp_path):
+    argv = ["train", *QUICK, "--run.out_dir", str(tmp_path), "--run.name", "r"]
+    assert main(argv) == 0
+    newest = tmp_path / "r" / "checkpoint-00000002.pt"
+    torch.save({"format": 1, "model": Payload()}, newest)
+    capsys.readouterr()
+    err = error_of(capsys, ["eval", str(tmp_path / "r")])
+    assert str(newest) in err and "never loaded" in err
+    assert "the payload ran" not in capsys.readouterr().out
+    assert "weights_only" not in err and "unsafe" not in err.lower() and "trust" not in err.lower()
 
 
 TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; from largebatch.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -150,3 +171,14 @@ def test_resume_with_overrides_becomes_the_runs_config(capsys, tmp_path):
     assert main(["train", "--resume", str(run_dir)]) == 0  # no flags: continues the same run to 3 epochs
     assert "after 3 epochs" in capsys.readouterr().out
     assert not (run_dir / "config.1.toml").exists()  # nothing changed this time
+
+
+def test_skipped_steps_and_a_finished_run_are_said(capsys, tmp_path):
+    argv = ["train", *QUICK, "--optim.base_lr", "1e30", "--run.on_nonfinite", "skip", "--run.out_dir", str(tmp_path),
+            "--run.name", "r"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: \d+ of 2 steps were skipped for a non-finite loss", out)
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "already finished" in out and "nothing was trained or written" in out

@@ -92,15 +92,16 @@ class PoisonStep(Extension):
 
     def before_step(self, step):
         self.current = step
-        self.before = [p.detach().clone() for p in self.ctx.model.parameters()]
+        self.before = [t.detach().clone() for t in (*self.ctx.model.parameters(), *self.ctx.model.buffers())]
 
     def after_step(self, step, applied):
         if step == self.bad_step:
             self.applied = applied
-            self.unchanged = all(torch.equal(a, p) for a, p in zip(self.before, self.ctx.model.parameters()))
+            now = (*self.ctx.model.parameters(), *self.ctx.model.buffers())
+            self.unchanged = all(torch.equal(a, t) for a, t in zip(self.before, now))
 
 
-def test_skipped_step_leaves_weights_unchanged(tmp_path):
+def test_skipped_step_leaves_weights_and_bn_statistics_unchanged(tmp_path):
     poison = PoisonStep(bad_step=2)
     cfg = largebatch.load_config("fmnist_goyal", TINY | {"run.on_nonfinite": "skip", "run.out_dir": str(tmp_path),
                                                          "run.name": "skip"})
@@ -185,3 +186,15 @@ def test_gradient_clipping_against_float64_reference(max_norm, clips, loss_scale
     logged = state.extensions[0].log_values()
     assert logged["grad_norm"] == pytest.approx(norm, rel=1e-12)
     assert logged["clipped"] == float(clips)
+
+
+def test_a_skipped_step_lowers_the_loss_scale():
+    """Under fp16's loss scaling a non-finite loss skips the step and lowers the scale, as an overflow
+    does; otherwise a run whose loss overflows at the current scale would skip forever."""
+    poison = PoisonStep(bad_step=0)
+    state = build([poison], **{"run.on_nonfinite": "skip"})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    state = dataclasses.replace(state, scaler=scaler)
+    outcome = TrainStep(state)(batches(state), 0)
+    assert not outcome.applied and poison.unchanged
+    assert scaler.get_scale() == 2.0 ** 9

@@ -1,12 +1,16 @@
-"""End-to-end runs under the real torchrun: two processes on one node, and two single-process
-"nodes" on 127.0.0.1 joined through torchrun's c10d rendezvous."""
+"""End-to-end runs under the real torchrun: two processes on one node, two single-process "nodes" on
+127.0.0.1 joined through torchrun's c10d rendezvous, and a rank killed mid-epoch that torchrun restarts."""
 
 import json
+import random
 import shutil
 import subprocess
 import sys
 
-from multiproc import base_env, free_port
+import torch
+
+from largebatch.checkpoint import load_checkpoint
+from multiproc import REPO, base_env, free_port
 
 QUICK = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
          "--data.synthetic_test", "64", "--data.global_batch", "64", "--data.bn_batch", "16",
@@ -53,3 +57,36 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(outputs)
     assert "final test accuracy" in outputs[0]
     assert plan_record(tmp_path / "nodes")["world_size"] == 2
+
+
+FAULT_JOB = str(REPO / "tests" / "fault_job.py")
+FAULT_RUN = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
+             "--data.synthetic_test", "64", "--data.global_batch", "32", "--data.bn_batch", "8",
+             "--data.augment", "flip", "--schedule.epochs", "2", "--schedule.warmup_epochs", "1",
+             "--schedule.decay", "cosine", "--run.progress", "false", "--run.log_every", "1",
+             "--run.checkpoint_every", "3"]
+
+
+def fault_job(tmp_path, name, *extra):
+    cmd = torchrun("--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.5",
+                   "--master-port", str(free_port()), FAULT_JOB, *FAULT_RUN, "--run.out_dir", str(tmp_path),
+                   "--run.name", name, *extra)
+    result = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_a_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
+    """2 ranks under torchrun --max-restarts 1; rank 1 is SIGKILLed mid-epoch at a random step. The run
+    restarts by itself from the newest checkpoint and ends bitwise equal to an uninterrupted run, with
+    each step recorded once."""
+    kill_step = random.Random().choice([4, 5, 7, 10, 11, 13, 14])  # 8 steps an epoch, checkpoints every 3
+    fault_job(tmp_path, "straight")
+    restarted = fault_job(tmp_path, "killed", "--kill-rank", "1", "--kill-after-step", str(kill_step))
+    assert "exitcode: -9" in restarted.stderr  # the rank really died by SIGKILL, and the job still succeeded
+    straight, killed = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("straight", "killed"))
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, killed["model"][key]), (kill_step, key)
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 17)), kill_step
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]

@@ -98,3 +98,43 @@ def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
     assert [r["step"] for r in records] == [4, 8, 12]
     layers = set(records[-1]) - {"kind", "step", "time"}
     assert "features.0.weight" in layers and not any("bias" in k or k.startswith("features.1.") for k in layers)
+
+
+def train_records(run_dir):
+    return [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact_and_records_each_step_once(tmp_path):
+    """A crash after step 7 (simulated: the checkpoints after step 6 are removed, the records after it
+    stay in metrics.jsonl) resumes from step 6, mid-epoch, and ends bit-equal to an uninterrupted run."""
+    every = ["--run.checkpoint_every", "3", "--run.keep_checkpoints", "0", "--run.log_every", "1"]
+    run(tmp_path, "straight", *every)
+    run(tmp_path, "crashed", *every)
+    for path in (tmp_path / "crashed").glob("checkpoint-*.pt"):
+        if int(path.stem.split("-")[1]) > 6:
+            path.unlink()
+    result = run(tmp_path, "crashed", resume=True)
+    assert result.resumed_from == tmp_path / "crashed" / "checkpoint-00000006.pt"
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert train_records(tmp_path / "crashed") == list(range(1, 13))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    run(tmp_path, "r", "--run.stop_after_epochs", "2")
+    newest = tmp_path / "r" / "checkpoint-00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a torn write, as a failing disk would leave
+    result = run(tmp_path, "r", resume=True)
+    assert result.resumed_from == tmp_path / "r" / "checkpoint-00000004.pt" and result.steps == 12
+    err = capsys.readouterr().err
+    assert str(newest) in err and "using an older checkpoint" in err
+
+
+def test_resuming_a_finished_run_trains_and_writes_nothing(tmp_path):
+    run(tmp_path, "done")
+    files = {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()}
+    result = run(tmp_path, "done", resume=True)
+    assert result.already_finished and result.steps == 12 and result.test is None
+    assert {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()} == files

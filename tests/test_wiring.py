@@ -606,6 +606,7 @@ def dist_backend_reaches_the_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **_: requested.append(backend))
+    monkeypatch.setattr(largebatch.dist.env, "_attempt_store", lambda *args: None)  # no rendezvous either
     for backend in ("gloo", "nccl"):
         env = init_distributed(config({"dist.backend": backend}).dist)
         assert env.backend == backend and requested[-1] == backend
@@ -730,6 +731,29 @@ def run_checkpoint_writes_the_checkpoint(tmp_path):
     assert not (result.run_dir / "checkpoint.pt").exists()
     result, _ = trained(tmp_path, {"run.checkpoint": True})
     assert load_checkpoint(result.run_dir / "checkpoint.pt")["progress"]["step"] == 4
+
+
+def step_checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("checkpoint-*.pt"))
+
+
+@probe("run.checkpoint_every")
+def run_checkpoint_every_adds_checkpoints_within_epochs(tmp_path):
+    base = {"run.checkpoint": True, "run.keep_checkpoints": 0}
+    result, _ = trained(tmp_path, base | {"run.checkpoint_every": 0})
+    assert step_checkpoints(result.run_dir) == ["checkpoint-00000004.pt"]  # the epoch end only
+    result, _ = trained(tmp_path, base | {"run.checkpoint_every": 1})
+    assert step_checkpoints(result.run_dir) == [f"checkpoint-{s:08d}.pt" for s in (1, 2, 3, 4)]
+    assert load_checkpoint(result.run_dir / "checkpoint-00000002.pt")["progress"]["step"] == 2
+
+
+@probe("run.keep_checkpoints")
+def run_keep_checkpoints_prunes_the_oldest(tmp_path):
+    base = {"run.checkpoint": True, "run.checkpoint_every": 1}
+    result, _ = trained(tmp_path, base | {"run.keep_checkpoints": 2})
+    assert step_checkpoints(result.run_dir) == ["checkpoint-00000003.pt", "checkpoint-00000004.pt"]
+    result, _ = trained(tmp_path, base | {"run.keep_checkpoints": 0})
+    assert len(step_checkpoints(result.run_dir)) == 4
 
 
 @probe("run.target_accuracy")

@@ -56,8 +56,18 @@ def init_distributed(cfg: DistConfig, timeout_s: float = 600.0) -> DistEnv:
     if world_size > 1:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+            timeout = timedelta(seconds=timeout_s)
+            dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                                    world_size=world_size, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """torchrun's store with this attempt's own key space. After a restart (torchrun --max-restarts)
+    the agent's store still holds the dead attempt's keys, among them the ranks' gloo addresses; a
+    restarted rank that read one of those would try to connect to a process that no longer exists."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return dist.PrefixStore(f"largebatch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown(env: DistEnv) -> None:
