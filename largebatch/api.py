@@ -12,6 +12,7 @@ and reports bad input as a `largebatch.errors.UserError`. Importing this module 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,11 +105,23 @@ def run(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
     run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
     if resume:
         require_run(run_dir)
-        if is_main_process():
-            update_run_config(run_dir, cfg)
     elif is_main_process():
         check_new_run_dir(run_dir, overwrite=overwrite)
-        create_run_dir(run_dir, cfg, overwrite=overwrite)
+
+    def prepare_run_dir() -> None:  # on rank 0, once the data and the model are built
+        if resume:
+            update_run_config(run_dir, cfg)
+        else:
+            create_run_dir(run_dir, cfg, overwrite=overwrite)
+
+    from largebatch.checkpoint import checkpoints_in
     from largebatch.train import train
 
-    return train(cfg, run_dir, resume=resume, extensions=extensions)
+    try:
+        return train(cfg, run_dir, resume=resume, extensions=extensions, prepare_run_dir=prepare_run_dir)
+    except BaseException:
+        # A new run that failed before its first checkpoint leaves nothing behind: the same command can
+        # simply be run again.
+        if not resume and is_main_process() and run_dir.is_dir() and not checkpoints_in(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise

@@ -8,6 +8,7 @@ or a dataset is touched. Listing recipes, printing a config and every --help run
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,11 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         print(f"the run in {result.run_dir} is already finished ({result.steps} steps, {result.epochs} epochs); "
               "nothing was trained or written. To train longer, resume with a larger --schedule.epochs")
         return 0
+    if result.stopped_by:
+        saved = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint (run.checkpoint = false)"
+        print(f"stopped by {result.stopped_by} after step {result.steps}: {saved}; continue with "
+              f"`largebatch train --resume {result.run_dir}`")
+        return 128 + signal.Signals[result.stopped_by].value
     if result.test is not None:
         print(f"final test accuracy: {100 * result.test.accuracy:.2f}% (loss {result.test.loss:.4f}, "
               f"{result.test.samples} samples) after {result.epochs} epochs, {result.steps} steps, "
@@ -165,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"largebatch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"largebatch {args.command}: interrupted at once (a second Ctrl-C): no checkpoint was written for "
+              "the steps since the last one", file=sys.stderr)
         return 130
 
 

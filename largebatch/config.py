@@ -165,7 +165,8 @@ def _lookup(key: str) -> tuple[type, str]:
             raise ConfigError(_unknown_field(cls, where, part))
         if i == len(parts) - 1:
             if _is_table(types_[part]):
-                raise ConfigError(f"{key} is a table: set its fields, e.g. --{key}.{dataclasses.fields(types_[part])[0].name}")
+                example = dataclasses.fields(types_[part])[0].name
+                raise ConfigError(f"{key} is a table: set its fields, e.g. --{key}.{example}")
             return cls, part
         if not _is_table(types_[part]):
             raise ConfigError(f"{where + part} is a field, not a table: --{where + part} VALUE")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from largebatch.extensions import Extension
 from largebatch.metrics import progress_bar
 from largebatch.state import RunState
 from largebatch.step import TrainStep
+from largebatch.stop import StopSignals
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,21 @@ class TrainResult:
     time_to_accuracy_s: float | None  # first evaluation reaching run.target_accuracy
     resumed_from: Path | None = None  # the checkpoint this session continued from
     already_finished: bool = False  # resumed a run that had no steps left: nothing was trained or written
+    stopped_by: str | None = None  # the signal (SIGTERM, SIGINT) that ended this session early
+    checkpoint: Path | None = None  # the newest checkpoint this session wrote (rank 0)
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-          extensions: Sequence[Extension] = ()) -> TrainResult:
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extensions: Sequence[Extension] = (),
+          prepare_run_dir: Callable[[], None] | None = None) -> TrainResult:
     """Train as configured in this process (under torchrun, as one rank of the job), writing into
-    `run_dir` from rank 0; `resume` continues from its checkpoint. `largebatch.run` is the front door:
-    it validates and prepares the run directory first."""
+    `run_dir` from rank 0; `resume` continues from its newest checkpoint. `prepare_run_dir` runs on
+    rank 0 once the data and the model are built, before anything is written. `largebatch.run` is the
+    front door: it validates the config and prepares the run directory so."""
     env = init_distributed(cfg.dist)
     try:
         state = build.build_run(cfg, env, run_dir if env.is_main else None, extensions)
+        if env.is_main and prepare_run_dir is not None:
+            prepare_run_dir()
         try:
             resumed_from = None
             if resume:
@@ -60,14 +66,15 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                 return TrainResult(run_dir if env.is_main else None, None, p.epoch, p.step, p.skipped_steps, 0.0,
                                    p.time_to_accuracy_s, resumed_from, already_finished=True)
             state.logger.open(after_step=state.progress.step if resume else None)
-            return _train(state, run_dir if env.is_main else None, resumed_from)
+            with StopSignals() as signals:
+                return _train(state, run_dir if env.is_main else None, resumed_from, signals)
         finally:
             state.logger.close()
     finally:
         shutdown(env)
 
 
-def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> TrainResult:
+def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, signals: StopSignals) -> TrainResult:
     cfg, env, plan, progress, logger = state.cfg, state.env, state.plan, state.progress, state.logger
     # The loader draws its workers' base seed from its own generator, not from the global one that the
     # augmentations use: otherwise starting an epoch's iterator mid-epoch (a resume) would shift them.
@@ -77,10 +84,16 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> 
         generator=torch.Generator().manual_seed(cfg.run.seed + env.rank))
     test_loader = eval_loader(state.splits.test, cfg.data.eval_batch, env, cfg.data.workers)
     b = plan.batches
+    train_size = len(state.splits.train)
+    dropped = train_size - plan.steps_per_epoch * b.global_batch
     logger.log("plan", progress.step, world_size=b.world_size, global_batch=b.global_batch, per_worker=b.per_worker,
                micro_batch=b.micro_batch, accum_steps=b.accum_steps, bn_batch=b.bn_batch,
                steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, peak_lr=plan.peak_lr,
-               device=str(env.device))
+               train_samples=train_size, dropped_per_epoch=dropped, device=str(env.device))
+    if dropped and env.is_main:
+        print(f"largebatch: note: {dropped} of {train_size} training samples are left out of every epoch (the global "
+              f"batch {b.global_batch} does not divide the training set; each epoch's shuffle leaves out others)",
+              file=sys.stderr)
     logger.mlperf_event("run_start", progress.step)
     run_start = time.perf_counter() - progress.elapsed_s
     last_eval: EvalResult | None = None
@@ -89,8 +102,9 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> 
     bar = progress_bar(plan.total_steps, env.is_main and cfg.run.progress, "train")
     bar.update(progress.step)
     session_epochs = 0
-    while progress.step < plan.total_steps and not (cfg.run.stop_after_epochs
-                                                    and session_epochs >= cfg.run.stop_after_epochs):
+    stopped_by, saved = None, None
+    while progress.step < plan.total_steps and not stopped_by and not (cfg.run.stop_after_epochs
+                                                                       and session_epochs >= cfg.run.stop_after_epochs):
         epoch = progress.epoch
         state.sampler.set_epoch(epoch, progress.step - epoch * plan.steps_per_epoch)
         state.ddp_model.train()
@@ -108,10 +122,12 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> 
                 window.add(outcome.loss)
             progress.step += 1
             bar.update(1)
-            if (cfg.run.checkpoint and cfg.run.checkpoint_every and progress.step % cfg.run.checkpoint_every == 0
-                    and progress.step < plan.epoch_end(epoch)):  # epoch ends save below, after evaluation
+            stopped_by = signals.agreed(state.collectives)
+            mid_epoch = progress.step < plan.epoch_end(epoch)  # epoch ends save below, after evaluation
+            if cfg.run.checkpoint and mid_epoch and (stopped_by or cfg.run.checkpoint_every
+                                                     and progress.step % cfg.run.checkpoint_every == 0):
                 progress.elapsed_s = time.perf_counter() - run_start
-                state.save(run_dir)
+                saved = state.save(run_dir)
             if progress.step % cfg.run.log_every == 0:
                 seconds = time.perf_counter() - window.start
                 extra = {k: v for extension in state.extensions for k, v in extension.log_values().items()}
@@ -120,6 +136,10 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> 
                            elapsed_s=time.perf_counter() - run_start, **extra)
                 bar.set_postfix(loss=f"{window.mean_loss():.4f}", lr=f"{outcome.lr:.4g}")
                 window = _Window(time.perf_counter())
+            if stopped_by:
+                break
+        if progress.step < plan.epoch_end(epoch):  # stopped by a signal within the epoch
+            break
         progress.epoch = epoch + 1
         if progress.step >= plan.total_steps or progress.epoch % cfg.run.eval_every == 0:
             last_eval = evaluate(state.model, test_loader, env, state.autocast, state.place)
@@ -135,15 +155,15 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None) -> 
         progress.elapsed_s = time.perf_counter() - run_start
         session_epochs += 1
         if cfg.run.checkpoint:
-            state.save(run_dir)
+            saved = state.save(run_dir)
     bar.close()
     wall_s = time.perf_counter() - run_start
     finished = progress.step >= plan.total_steps
     logger.mlperf_event("run_final" if finished else "session_stop", progress.step, wall_s=wall_s,
                         accuracy=last_eval.accuracy if last_eval else None,
-                        time_to_accuracy_s=progress.time_to_accuracy_s)
+                        time_to_accuracy_s=progress.time_to_accuracy_s, signal=stopped_by)
     return TrainResult(run_dir, last_eval, progress.epoch, progress.step, progress.skipped_steps, wall_s,
-                       progress.time_to_accuracy_s, resumed_from)
+                       progress.time_to_accuracy_s, resumed_from, stopped_by=stopped_by, checkpoint=saved)
 
 
 class _Window:

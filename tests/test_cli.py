@@ -1,14 +1,20 @@
 """The command line: help, recipe listing, and bad input reported in one line with nothing half-written."""
 
 import re
+import signal
+import subprocess
+import sys
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from largebatch.cli import main
-from multiproc import run_python
+from largebatch.checkpoint import load_checkpoint
+from multiproc import base_env, run_python
 
 QUICK = ["--data.source", "synthetic", "--data.synthetic_shape", "1,8,8", "--data.synthetic_train", "64",
          "--data.synthetic_test", "16", "--data.global_batch", "32", "--data.bn_batch", "8",
@@ -182,3 +188,25 @@ def test_skipped_steps_and_a_finished_run_are_said(capsys, tmp_path):
     assert main(["train", "--resume", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "already finished" in out and "nothing was trained or written" in out
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+    argv = [sys.executable, "-m", "largebatch", "train", "--data.source", "synthetic", "--data.synthetic_shape",
+            "1,32,32", "--data.synthetic_train", "2048", "--data.synthetic_test", "16", "--data.global_batch", "32",
+            "--data.bn_batch", "8", "--schedule.epochs", "3", "--schedule.warmup_epochs", "0", "--run.progress",
+            "false", "--run.log_every", "1", "--run.out_dir", str(tmp_path), "--run.name", "r"]
+    proc = subprocess.Popen(argv, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    stopped = re.search(r"stopped by SIGTERM after step (\d+): checkpoint (\S+); continue with "
+                        r"`largebatch train --resume (\S+)`", out)
+    assert stopped, out + err
+    step, path = int(stopped.group(1)), Path(stopped.group(2))
+    assert 3 <= step < 64 * 3 and path == tmp_path / "r" / f"checkpoint-{step:08d}.pt"
+    assert load_checkpoint(path)["progress"]["step"] == step

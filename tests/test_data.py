@@ -434,12 +434,27 @@ def test_npz_bad_content_is_reported(tmp_path, arrays, expected):
     assert str(path) in str(err.value)
 
 
-def test_not_an_npz_file(tmp_path):
+@pytest.mark.parametrize("content", ["junk", "random", "object_array"])
+def test_not_an_npz_file_is_named_without_unsafe_advice(tmp_path, content):
     path = tmp_path / "junk.npz"
-    path.write_bytes(b"junk" * 10)
-    with pytest.raises(DatasetError, match="cannot read npz") as err:
+    if content == "junk":
+        path.write_bytes(b"junk" * 10)
+    elif content == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        np.savez(path, x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1), x_test=np.zeros((1, 8, 8)),
+                 y_test=np.zeros(1))
+    with pytest.raises(DatasetError, match="cannot read") as err:
         load_splits("npz", str(path))
     assert str(path) in str(err.value)
+    assert "allow_pickle" not in str(err.value) and "unsafe" not in str(err.value)
+
+
+def test_test_labels_outside_the_training_classes_are_refused(tmp_path):
+    path = write_npz(tmp_path / "labels.npz", x_train=random_images((4, 8, 8), 0), y_train=np.array([0, 1, 2, 1]),
+                     x_test=random_images((2, 8, 8), 1), y_test=np.array([1, 57]))
+    with pytest.raises(DatasetError, match=r"test labels \[57\] never occur in the training labels \(0..2\)"):
+        load_splits("npz", str(path))
 
 
 def test_unknown_source_and_augment_list_the_choices(tmp_path):

@@ -164,7 +164,8 @@ def reference_gradient(model, micro_batches, criterion):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("max_norm, clips, loss_scale", [(0.01, True, None), (1e6, False, None), (0.01, True, 2.0 ** 12)],
+@pytest.mark.parametrize("max_norm, clips, loss_scale",
+                         [(0.01, True, None), (1e6, False, None), (0.01, True, 2.0 ** 12)],
                          ids=["clipping", "below-threshold", "clipping-loss-scaled"])
 def test_gradient_clipping_against_float64_reference(max_norm, clips, loss_scale):
     """Extensions, clipping first, see the averaged gradient unscaled, also under fp16-style loss scaling."""

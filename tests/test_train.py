@@ -1,6 +1,8 @@
 """Single-process training runs: run-directory contents, bit-exact resume, non-finite losses."""
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import largebatch
 from largebatch.checkpoint import load_checkpoint
 from largebatch.cli import parse_overrides
 from largebatch.errors import NonFiniteLossError
+from largebatch.extensions import Extension
 from largebatch.metrics import read_metrics
 from largebatch.run_dir import CONFIG_NAME
 
@@ -138,3 +141,47 @@ def test_resuming_a_finished_run_trains_and_writes_nothing(tmp_path):
     result = run(tmp_path, "done", resume=True)
     assert result.already_finished and result.steps == 12 and result.test is None
     assert {p: p.read_bytes() for p in (tmp_path / "done").rglob("*") if p.is_file()} == files
+
+
+class SignalAfterStep(Extension):
+    """Sends this process `signum` right after optimizer step `step`, as a scheduler's notice would arrive."""
+
+    name = "signal_after_step"
+
+    def __init__(self, signum, step):
+        self.signum, self.step = signum, step
+
+    def after_step(self, step, applied):
+        if step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, signum):
+    run(tmp_path, "straight")
+    cfg = config(tmp_path, "--run.name", "stopped")
+    handler_before = signal.getsignal(signum)
+    result = largebatch.run(cfg, extensions=[SignalAfterStep(signum, 6)])
+    assert signal.getsignal(signum) is handler_before  # the run's handlers are gone with it
+    assert result.stopped_by == signal.Signals(signum).name and result.steps == 6
+    assert result.checkpoint == tmp_path / "stopped" / "checkpoint-00000006.pt"  # mid-epoch (4 steps an epoch)
+    assert read_metrics(tmp_path / "stopped")[-1]["signal"] == result.stopped_by
+    run(tmp_path, "stopped", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path):
+    with pytest.raises(NonFiniteLossError):
+        run(tmp_path, "early", "--optim.base_lr", "1e30", "--schedule.warmup_epochs", "0")
+    assert not (tmp_path / "early").exists()
+    # the same name can simply be used again, without --overwrite
+    assert run(tmp_path, "early", "--schedule.epochs", "1").steps == 4
+
+
+def test_samples_left_out_of_each_epoch_are_said(tmp_path, capsys):
+    run(tmp_path, "r", "--data.synthetic_train", "250")
+    plan = read_metrics(tmp_path / "r")[0]
+    assert plan["kind"] == "plan" and (plan["train_samples"], plan["dropped_per_epoch"]) == (250, 58)
+    assert "58 of 250 training samples are left out of every epoch" in capsys.readouterr().err

@@ -87,6 +87,14 @@ def labels_to_tensor(y: np.ndarray, count: int, where: str) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
+def _npz_reason(error: Exception) -> str:
+    """Why numpy could not read an npz, without numpy's advice to allow pickles: data is never code."""
+    if "pickle" in str(error):
+        return ("it is not an archive of plain arrays (reading it would mean unpickling Python objects, which "
+                "largebatch never does)")
+    return str(error).split(". ")[0]
+
+
 def build_splits(arrays: dict[str, np.ndarray], where: str, num_classes: int | None = None) -> ArraySplits:
     """Validate raw arrays keyed like NPZ_KEYS and pack them; infer num_classes from labels if not given."""
     x_train = images_to_nchw(arrays["x_train"], f"{where} x_train")
@@ -98,10 +106,15 @@ def build_splits(arrays: dict[str, np.ndarray], where: str, num_classes: int | N
         )
     y_train = labels_to_tensor(arrays["y_train"], len(x_train), f"{where} y_train")
     y_test = labels_to_tensor(arrays["y_test"], len(x_test), f"{where} y_test")
+    if num_classes is None:  # the classes are the ones the training split has; test labels must lie among them
+        num_classes = int(y_train.max()) + 1
+        unseen = sorted(set(y_test.unique().tolist()) - set(y_train.unique().tolist()))
+        if unseen:
+            raise DatasetError(f"{where}: test labels {unseen[:10]}{' ...' if len(unseen) > 10 else ''} never occur "
+                               f"in the training labels (0..{num_classes - 1}); a model trained on these data "
+                               "could not predict them")
     largest = int(max(y_train.max(), y_test.max()))
-    if num_classes is None:
-        num_classes = largest + 1
-    elif largest >= num_classes:
+    if largest >= num_classes:
         raise DatasetError(f"{where}: labels must be in [0, {num_classes}), found {largest}")
     return ArraySplits(x_train, y_train, x_test, y_test, num_classes)
 
@@ -125,7 +138,7 @@ def read_npz(path: str | Path) -> ArraySplits:
     try:
         npz = np.load(p, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"cannot read npz file {p}: {e}") from e
+        raise DatasetError(f"cannot read npz file {p}: {_npz_reason(e)}") from None
     if not hasattr(npz, "files"):
         raise DatasetError(f"{p} is a single .npy array, expected an .npz archive with keys {list(NPZ_KEYS)}")
     with npz:
@@ -135,7 +148,7 @@ def read_npz(path: str | Path) -> ArraySplits:
         try:
             arrays = {k: npz[k] for k in NPZ_KEYS}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"cannot read arrays from npz file {p}: {e}") from e
+            raise DatasetError(f"cannot read arrays from npz file {p}: {_npz_reason(e)}") from None
     return build_splits(arrays, str(p))
 
 

@@ -110,6 +110,12 @@ class Collectives:
         """Sum `tensor` over ranks in place and return it."""
         return all_reduce_sum(tensor, self.env)
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of `tensor` over ranks, in place, returned."""
+        if self.env.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average `tensor` over ranks in place and return it."""
         return all_reduce_sum(tensor, self.env).div_(self.env.world_size)
