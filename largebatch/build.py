@@ -15,7 +15,8 @@ from torch import nn
 from largebatch.config import Config, plan_batches
 from largebatch.data import DataSplits, load_splits
 from largebatch.data.sampler import GlobalBatchSampler
-from largebatch.dist import DistEnv, wrap_model
+from largebatch.data.verify import unreadable_images
+from largebatch.dist import Collectives, DistEnv, wrap_model
 from largebatch.extensions import Extension, StepContext
 from largebatch.extensions.grad_clip import GradClip
 from largebatch.extensions.trust_ratios import TrustRatioLog
@@ -27,11 +28,19 @@ from largebatch.precision import autocast_factory, grad_scaler, param_dtype
 from largebatch.state import RunState
 
 
-def build_data(cfg: Config) -> DataSplits:
+def build_data(cfg: Config, collectives: Collectives | None = None) -> DataSplits:
+    """The data splits; with `collectives`, the image check of folder data is split over the ranks."""
     d = cfg.data
+
+    def check_images(paths):
+        if collectives is None:
+            return unreadable_images(paths)
+        return unreadable_images(paths, collectives.rank, collectives.world_size, collectives.all_gather_objects)
+
     return load_splits(d.source, d.path, d.augment, synthetic_shape=tuple(d.synthetic_shape),
                        synthetic_classes=d.synthetic_classes, synthetic_train=d.synthetic_train,
-                       synthetic_test=d.synthetic_test, seed=cfg.run.seed)
+                       synthetic_test=d.synthetic_test, seed=cfg.run.seed, image_size=d.image_size,
+                       on_bad_image=d.on_bad_image, check_images=check_images)
 
 
 def build_network(cfg: Config, splits: DataSplits, device: torch.device, ghost_bn_batch: int = 0) -> nn.Module:
@@ -84,7 +93,7 @@ def build_run(cfg: Config, env: DistEnv, run_dir: Path | None,
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     batches = plan_batches(cfg.data, env.world_size)
-    splits = build_data(cfg)
+    splits = build_data(cfg, Collectives(env))
     sampler = GlobalBatchSampler(len(splits.train), batches, env.rank, cfg.run.seed)
     plan = RunPlan(batches, sampler.steps_per_epoch, lr_schedule(cfg, sampler.steps_per_epoch))
     model = build_network(cfg, splits, env.device, batches.ghost_bn_batch)

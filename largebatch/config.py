@@ -45,6 +45,9 @@ class DataConfig:
     bn_batch: int = number(32, 0, help="n: samples per BN statistics group; 0: the whole micro-batch")
     eval_batch: int = number(1000, 1, help="samples per evaluation forward pass")
     workers: int = number(0, 0, help="DataLoader worker processes per rank")
+    image_size: int = number(224, 8, help="folder: training and evaluation crop, in px")
+    on_bad_image: str = choice("stop", ("stop", "skip"), "folder: an unreadable image stops before step 1, or is left "
+                               "out and counted")
     synthetic_shape: tuple[int, ...] = plain((3, 32, 32), "synthetic images: [channels, height, width]")
     synthetic_classes: int = number(10, 2, help="synthetic: number of classes")
     synthetic_train: int = number(1024, 1, help="synthetic: training samples")

@@ -24,3 +24,9 @@ class CheckpointError(UserError, RuntimeError):
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The global loss became NaN or infinite (run.on_nonfinite = 'stop'); the message names the step."""
+
+
+class RankLostError(RuntimeError):
+    """A collective failed because another process of the job died or stopped answering; the message
+    names this rank, the step and the newest checkpoint. A fault, not bad input: under torchrun
+    --max-restarts the job restarts and `--resume auto` continues from that checkpoint."""

@@ -19,7 +19,8 @@ from largebatch import build
 from largebatch.config import Config
 from largebatch.data import collate_batch
 from largebatch.dist import init_distributed, shutdown
-from largebatch.errors import NonFiniteLossError
+from largebatch.checkpoint import checkpoints_in
+from largebatch.errors import NonFiniteLossError, RankLostError
 from largebatch.evaluate import EvalResult, eval_loader, evaluate
 from largebatch.extensions import Extension
 from largebatch.metrics import progress_bar
@@ -67,7 +68,12 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
                                    p.time_to_accuracy_s, resumed_from, already_finished=True)
             state.logger.open(after_step=state.progress.step if resume else None)
             with StopSignals() as signals:
-                return _train(state, run_dir if env.is_main else None, resumed_from, signals)
+                try:
+                    return _train(state, run_dir if env.is_main else None, resumed_from, signals)
+                except RuntimeError as e:
+                    if env.distributed and _lost_a_rank(e):
+                        raise _rank_lost(env.rank, state.progress.step, run_dir, e) from e
+                    raise
         finally:
             state.logger.close()
     finally:
@@ -89,7 +95,11 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
     logger.log("plan", progress.step, world_size=b.world_size, global_batch=b.global_batch, per_worker=b.per_worker,
                micro_batch=b.micro_batch, accum_steps=b.accum_steps, bn_batch=b.bn_batch,
                steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, peak_lr=plan.peak_lr,
-               train_samples=train_size, dropped_per_epoch=dropped, device=str(env.device))
+               train_samples=train_size, dropped_per_epoch=dropped, skipped_images=state.splits.skipped_images,
+               device=str(env.device))
+    if state.splits.skipped_images and env.is_main:
+        print(f"largebatch: warning: {state.splits.skipped_images} unreadable image(s) left out "
+              "(data.on_bad_image = 'skip')", file=sys.stderr)
     if dropped and env.is_main:
         print(f"largebatch: note: {dropped} of {train_size} training samples are left out of every epoch (the global "
               f"batch {b.global_batch} does not divide the training set; each epoch's shuffle leaves out others)",
@@ -177,3 +187,20 @@ class _Window:
 
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+
+def _lost_a_rank(error: RuntimeError) -> bool:
+    """Whether a collective failed because a peer process went away (gloo / NCCL transport errors)."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        marker in text for marker in ("Connection reset", "Connection closed", "Broken pipe", "Connection refused",
+                                      "gloo", "NCCL"))
+
+
+def _rank_lost(rank: int, step: int, run_dir: Path | None, error: RuntimeError) -> RankLostError:
+    newest = checkpoints_in(run_dir) if run_dir is not None else []
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    where = f"the newest checkpoint is {newest[0]}" if newest else "no checkpoint was written yet"
+    return RankLostError(f"rank {rank} lost contact with another rank at step {step}: another process died or "
+                         f"stopped answering ({cause[:200]}); {where}; under torchrun --max-restarts N with "
+                         "--resume auto the job restarts from it")

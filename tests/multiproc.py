@@ -25,10 +25,9 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def run_ranks(argv: list[str], world_size: int, timeout: float = 180, cwd: Path | None = None, check: bool = True,
-              rank_argv: dict[int, list[str]] | None = None):
-    """Run `python ARGV` (rank r: ARGV + rank_argv[r]) as `world_size` ranks of one gloo job; return their
-    CompletedProcess results, each asserted to succeed when `check`."""
+def start_ranks(argv: list[str], world_size: int, cwd: Path | None = None,
+                rank_argv: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+    """Start `python ARGV` (rank r: ARGV + rank_argv[r]) as the ranks of one gloo job; stdout and stderr merged."""
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -38,6 +37,14 @@ def run_ranks(argv: list[str], world_size: int, timeout: float = 180, cwd: Path 
         extra = (rank_argv or {}).get(rank, [])
         procs.append(subprocess.Popen([sys.executable, *argv, *extra], env=env, cwd=cwd, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def run_ranks(argv: list[str], world_size: int, timeout: float = 180, cwd: Path | None = None, check: bool = True,
+              rank_argv: dict[int, list[str]] | None = None):
+    """Run `python ARGV` (rank r: ARGV + rank_argv[r]) as `world_size` ranks of one gloo job; return their
+    CompletedProcess results, each asserted to succeed when `check`."""
+    procs = start_ranks(argv, world_size, cwd, rank_argv)
     results = []
     try:
         for rank, proc in enumerate(procs):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from largebatch.data.verify import unreadable_images
 from largebatch.data import (AUGMENTS, SOURCES, DatasetError, DataSplits, TensorImageDataset, collate_batch,
                              load_splits)
 from largebatch.data import formats
@@ -209,11 +210,45 @@ def test_corrupt_image_error_names_file(tmp_path):
     make_folder(tmp_path)
     bad = tmp_path / "train" / "dog" / "3.jpg"
     bad.write_bytes(b"definitely not a jpeg")
-    train = load_splits("folder", str(tmp_path)).train
+    train = load_splits("folder", str(tmp_path), check_images=lambda paths: []).train  # damaged after the check
     index = train.samples.index((str(bad), 1))
     with pytest.raises(DatasetError, match="cannot read image") as err:
         train.__getitems__([0, index])
     assert str(bad) in str(err.value)
+
+
+def test_every_unreadable_image_is_listed_before_training(tmp_path):
+    make_folder(tmp_path)
+    bad = [tmp_path / "train" / "dog" / "3.jpg", tmp_path / "val" / "cat" / "0.png"]
+    bad[0].write_bytes(b"definitely not a jpeg")
+    bad[1].write_bytes(bad[1].read_bytes()[:40])  # truncated
+    with pytest.raises(DatasetError, match="2 unreadable image") as err:
+        load_splits("folder", str(tmp_path))
+    assert all(str(path) in str(err.value) for path in bad) and "on_bad_image = 'skip'" in str(err.value)
+    full = load_splits("folder", str(tmp_path), check_images=lambda paths: [])
+    kept = load_splits("folder", str(tmp_path), on_bad_image="skip")
+    assert kept.skipped_images == 2
+    assert (len(kept.train), len(kept.test)) == (len(full.train) - 1, len(full.test) - 1)
+    assert str(bad[0]) not in [p for p, _ in kept.train.samples] and len(kept.train.targets) == len(kept.train)
+
+
+def test_image_check_split_over_ranks_finds_the_same_files(tmp_path):
+    make_folder(tmp_path)
+    for name in ("5.jpg", "6.jpg", "7.png"):
+        (tmp_path / "train" / "dog" / name).write_bytes(b"junk")
+    paths = sorted(str(p) for p in tmp_path.rglob("*.*"))
+    alone = unreadable_images(paths)
+    shares = [unreadable_images(paths, rank, 3, gather=lambda mine: [mine]) for rank in range(3)]
+    assert len(alone) == 3 and sorted(sum(shares, [])) == alone
+    gathered = unreadable_images(paths, 1, 3, gather=lambda mine: shares[:1] + [mine] + shares[2:])
+    assert gathered == alone
+
+
+def test_folder_image_size(tmp_path):
+    make_folder(tmp_path)
+    splits = load_splits("folder", str(tmp_path), augment="none", image_size=32)
+    x, _ = splits.train.__getitems__([0, 1])
+    assert splits.image_size == 32 and x.shape[-2:] == (32, 32)
 
 
 def test_folder_needs_train_and_val(tmp_path):

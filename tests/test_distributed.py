@@ -3,12 +3,16 @@ global batch (with each optimizer, with a step extension and gradient clipping, 
 each rank's own random state across a 2-process resume, the same-seed check, and exact evaluation."""
 
 import json
+import re
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from largebatch.checkpoint import load_checkpoint
-from multiproc import REPO, run_python, run_ranks
+from multiproc import REPO, run_python, run_ranks, start_ranks
 
 EXTENSION_JOB = str(REPO / "tests" / "extension_job.py")
 
@@ -128,3 +132,26 @@ def test_distributed_eval_command_counts_each_sample_once(tmp_path):
     multi = run_ranks(["-m", "largebatch", "eval", str(tmp_path / "run")], 3)[0].stdout
     assert "samples 37" in single
     assert single.strip().splitlines()[-1] == multi.strip().splitlines()[-1]
+
+
+def test_a_lost_rank_ends_the_other_with_one_line(tmp_path):
+    """Rank 1 is SIGKILLed mid-run (a lost machine); rank 0 stops with one line naming itself, the step and the
+    newest checkpoint, not with a gloo traceback."""
+    argv = [*train_argv(tmp_path, "lost", 24, 6, 3), "--schedule.epochs", "20", "--run.checkpoint_every", "2"]
+    procs = start_ranks(argv, 2)
+    metrics = tmp_path / "lost" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 5):
+            assert time.monotonic() < deadline and procs[0].poll() is None
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        out, _ = procs[0].communicate(timeout=120)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode == 1, out
+    lost = re.search(r"largebatch train: error: rank 0 lost contact with another rank at step (\d+): .*the newest "
+                     r"checkpoint is (\S+);", out)
+    assert lost and "Traceback" not in out, out
+    assert int(lost.group(1)) >= 5 and Path(lost.group(2)).parent == tmp_path / "lost"

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.testing import assert_close
 
@@ -236,6 +237,41 @@ def data_workers_reach_both_loaders(tmp_path, monkeypatch):
         workers_asked.clear()
         trained(tmp_path, {"data.workers": workers})
         assert workers_asked == [workers, workers]  # the training loader, then the evaluation loader
+
+
+def image_folder(root: Path, bad: int = 0) -> Path:
+    """root/{train,val}/{a,b}/ with 8 small PNGs per class and split, the first `bad` training files junk."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+    for path in sorted((root / "train" / "a").iterdir())[:bad]:
+        path.write_bytes(b"not an image")
+    return root
+
+
+FOLDER = {"data.source": "folder", "data.augment": "none", "data.global_batch": 8, "data.micro_batch": 0,
+          "data.bn_batch": 0}
+
+
+@probe("data.image_size")
+def data_image_size_sets_the_folder_crop(tmp_path):
+    root = image_folder(tmp_path / "images")
+    for size in (16, 32):
+        state = built(FOLDER | {"data.path": str(root), "data.image_size": size})
+        x, _ = state.splits.train.__getitems__([0])
+        assert state.splits.image_size == size and x.shape[-2:] == (size, size)
+
+
+@probe("data.on_bad_image")
+def data_on_bad_image_stops_or_skips(tmp_path):
+    root = image_folder(tmp_path / "images", bad=2)
+    with pytest.raises(largebatch.errors.DatasetError, match="2 unreadable image"):
+        built(FOLDER | {"data.path": str(root), "data.on_bad_image": "stop"})
+    state = built(FOLDER | {"data.path": str(root), "data.on_bad_image": "skip"})
+    assert state.splits.skipped_images == 2 and len(state.splits.train) == 14
 
 
 @probe("data.synthetic_shape")

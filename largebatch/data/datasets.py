@@ -7,7 +7,7 @@ then goes to ``collate_fn``, so the loader must be built with :func:`collate_bat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from torchvision.datasets import ImageFolder
 from . import formats
 from .formats import DatasetError
 from .transforms import FOLDER_CROP, augment_batch, channel_stats, folder_transforms, normalize
+from .verify import unreadable_images
 
 SOURCES: tuple[str, ...] = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
 AUGMENTS: tuple[str, ...] = ("auto", "none", "flip", "crop_flip", "imagenet")
@@ -36,6 +37,7 @@ class DataSplits:
     num_classes: int
     in_channels: int
     image_size: int
+    skipped_images: int = 0  # unreadable images left out (folder data with on_bad_image = "skip")
 
 
 class TensorImageDataset(Dataset):
@@ -86,8 +88,14 @@ class FolderDataset(ImageFolder):
         except OSError as e:
             raise DatasetError(f"folder split {root}: {e}; expected {root}/<class>/<image files>") from e
 
+    def drop(self, paths: set[str]) -> None:
+        """Leave the images at `paths` out of the data set."""
+        self.samples = [(p, y) for p, y in self.samples if p not in paths]
+        self.imgs = self.samples
+        self.targets = [y for _, y in self.samples]
+
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode and transform each sample, then stack into (x [B,3,224,224], y [B])."""
+        """Decode and transform each sample, then stack into (x [B,3,H,W], y [B])."""
         samples = [self[i] for i in indices]
         return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples], dtype=torch.long)
 
@@ -135,33 +143,49 @@ def tensor_splits(arrays: formats.ArraySplits, source: str, augment: str) -> Dat
     return DataSplits(train, test, arrays.num_classes, channels, size)
 
 
-def folder_splits(path: str, augment: str) -> DataSplits:
-    """ImageNet-style tree path/train/<class>/* and path/val/<class>/*, with matching class folders."""
+def folder_splits(path: str, augment: str, image_size: int = FOLDER_CROP, on_bad_image: str = "stop",
+                  check: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images) -> DataSplits:
+    """ImageNet-style tree path/train/<class>/* and path/val/<class>/*, with matching class folders.
+
+    Every image is checked first (`check`, by default `verify.unreadable_images` in this process):
+    with `on_bad_image` "stop" any unreadable one raises a DatasetError listing them all; with "skip"
+    they are left out and counted (`DataSplits.skipped_images`)."""
     root = formats.existing_path(path, "folder")
     for split in FOLDER_SPLITS:
         if not (root / split).is_dir():
             raise DatasetError(f"folder path {root} must contain {split}/<class>/<images>; {root / split} is missing")
-    train_tf, eval_tf = folder_transforms(resolve_augment(augment, "folder", 3))
+    train_tf, eval_tf = folder_transforms(resolve_augment(augment, "folder", 3), image_size)
     train = FolderDataset(root / "train", train_tf)
     test = FolderDataset(root / "val", eval_tf)
     if train.classes != test.classes:
         raise DatasetError(
             f"folder path {root}: class folders differ between train ({train.classes}) and val ({test.classes})"
         )
-    return DataSplits(train, test, len(train.classes), 3, FOLDER_CROP)
+    bad = check([p for dataset in (train, test) for p, _ in dataset.samples])
+    if bad and on_bad_image == "stop":
+        listing = "\n".join(f"  {p}: {why}" for p, why in bad[:50]) + (f"\n  ... and {len(bad) - 50} more"
+                                                                       if len(bad) > 50 else "")
+        raise DatasetError(f"{len(bad)} unreadable image(s) under {root} (set data.on_bad_image = 'skip' to leave them "
+                           f"out):\n{listing}")
+    for dataset in (train, test):
+        dataset.drop({p for p, _ in bad})
+    return DataSplits(train, test, len(train.classes), 3, image_size, skipped_images=len(bad))
 
 
 def load_splits(source: str, path: str = "", augment: str = "auto", *,
                 synthetic_shape: tuple[int, int, int] = (3, 32, 32), synthetic_classes: int = 10,
-                synthetic_train: int = 1024, synthetic_test: int = 256, seed: int = 0) -> DataSplits:
+                synthetic_train: int = 1024, synthetic_test: int = 256, seed: int = 0, image_size: int = FOLDER_CROP,
+                on_bad_image: str = "stop",
+                check_images: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images) -> DataSplits:
     """Load a data set by source name (see SOURCES) with train augmentation `augment` (see AUGMENTS).
 
     'fashion_mnist' and 'synthetic' take no path; the synthetic_* arguments and `seed` only
-    affect 'synthetic'. Raises DatasetError for any bad input.
+    affect 'synthetic'; `image_size`, `on_bad_image` and `check_images` only 'folder' (see
+    `folder_splits`). Raises DatasetError for any bad input.
     """
     check_choices(source, augment, path)
     if source == "folder":
-        return folder_splits(path, augment)
+        return folder_splits(path, augment, image_size, on_bad_image, check_images)
     if source == "fashion_mnist":
         arrays = formats.read_embedded()
     elif source == "npz":

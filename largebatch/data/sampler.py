@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from largebatch.config import BatchPlan
+from largebatch.errors import DatasetError
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -38,7 +39,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} is outside world size {plan.world_size}")
         if num_samples < plan.global_batch:
-            raise ValueError(f"the training set has {num_samples} samples, fewer than one global batch "
+            raise DatasetError(f"the training set has {num_samples} samples, fewer than one global batch "
                              f"of {plan.global_batch}: lower data.global_batch")
         self.num_samples = num_samples
         self.plan = plan

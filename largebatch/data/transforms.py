@@ -100,20 +100,21 @@ def augment_batch(images: torch.Tensor, augment: str) -> torch.Tensor:
     return images
 
 
-def folder_transforms(augment: str) -> tuple[v2.Transform, v2.Transform]:
-    """Train and eval v2 pipelines for folder data sets, from decoded PIL RGB images to normalised float32.
+def folder_transforms(augment: str, size: int = FOLDER_CROP) -> tuple[v2.Transform, v2.Transform]:
+    """Train and eval v2 pipelines for folder data sets, from decoded PIL RGB images to normalised float32
+    images of `size` px (ImageNet's 224 by default; the resize before a crop keeps 256/224 of it).
 
-    'imagenet': RandomResizedCrop(224) + flip; 'crop_flip': Resize(256) + RandomCrop(224) + flip;
-    'flip': Resize(256) + CenterCrop(224) + flip; 'none': the eval pipeline,
-    Resize(256) + CenterCrop(224). Geometry runs on uint8 tensors, before the float conversion.
+    'imagenet': RandomResizedCrop(size) + flip; 'crop_flip': Resize + RandomCrop(size) + flip;
+    'flip': Resize + CenterCrop(size) + flip; 'none': the eval pipeline, Resize + CenterCrop(size).
+    Geometry runs on uint8 tensors, before the float conversion.
     """
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    resize = v2.Resize(FOLDER_RESIZE, antialias=True)
+    resize = v2.Resize(round(size * FOLDER_RESIZE / FOLDER_CROP), antialias=True)
     geometry = {
-        "imagenet": [v2.RandomResizedCrop(FOLDER_CROP, antialias=True), v2.RandomHorizontalFlip()],
-        "crop_flip": [resize, v2.RandomCrop(FOLDER_CROP), v2.RandomHorizontalFlip()],
-        "flip": [resize, v2.CenterCrop(FOLDER_CROP), v2.RandomHorizontalFlip()],
-        "none": [resize, v2.CenterCrop(FOLDER_CROP)],
+        "imagenet": [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()],
+        "crop_flip": [resize, v2.RandomCrop(size), v2.RandomHorizontalFlip()],
+        "flip": [resize, v2.CenterCrop(size), v2.RandomHorizontalFlip()],
+        "none": [resize, v2.CenterCrop(size)],
     }
     train = v2.Compose([v2.ToImage(), *geometry[augment], *to_float])
     evaluate = v2.Compose([v2.ToImage(), *geometry["none"], *to_float])
