@@ -155,3 +155,10 @@ def test_a_lost_rank_ends_the_other_with_one_line(tmp_path):
                      r"checkpoint is (\S+);", out)
     assert lost and "Traceback" not in out, out
     assert int(lost.group(1)) >= 5 and Path(lost.group(2)).parent == tmp_path / "lost"
+
+
+def test_resume_under_another_world_size_says_what_is_not_restored(tmp_path):
+    run_ranks([*train_argv(tmp_path, "two", 24, 6, 3), "--run.stop_after_epochs", "1"], 2)
+    resumed = run_python(["-m", "largebatch", "train", "--resume", str(tmp_path / "two")])
+    assert "written by 2 processes and this run has 1" in resumed.stderr
+    assert "final test accuracy" in resumed.stdout
