@@ -28,8 +28,10 @@ from largebatch.precision import autocast_factory, grad_scaler, param_dtype
 from largebatch.state import RunState
 
 
-def build_data(cfg: Config, collectives: Collectives | None = None) -> DataSplits:
-    """The data splits; with `collectives`, the image check of folder data is split over the ranks."""
+def build_data(cfg: Config, collectives: Collectives | None = None,
+               image_check_record: Path | None = None) -> DataSplits:
+    """The data splits; with `collectives`, the image check of folder data is split over the ranks, and
+    an `image_check_record` made for the same files (a resumed run's) stands in for it."""
     d = cfg.data
 
     def check_images(paths):
@@ -40,7 +42,8 @@ def build_data(cfg: Config, collectives: Collectives | None = None) -> DataSplit
     return load_splits(d.source, d.path, d.augment, synthetic_shape=tuple(d.synthetic_shape),
                        synthetic_classes=d.synthetic_classes, synthetic_train=d.synthetic_train,
                        synthetic_test=d.synthetic_test, seed=cfg.run.seed, image_size=d.image_size,
-                       on_bad_image=d.on_bad_image, check_images=check_images)
+                       on_bad_image=d.on_bad_image, check_images=check_images,
+                       image_check_record=image_check_record)
 
 
 def build_network(cfg: Config, splits: DataSplits, device: torch.device, ghost_bn_batch: int = 0) -> nn.Module:
@@ -87,13 +90,14 @@ def builtin_extensions(cfg: Config) -> list[Extension]:
     return extensions
 
 
-def build_run(cfg: Config, env: DistEnv, run_dir: Path | None,
-              extensions: Sequence[Extension] = ()) -> RunState:
-    """Every part of a run, built once on this rank; `run_dir` is where this rank writes (None: nowhere)."""
+def build_run(cfg: Config, env: DistEnv, run_dir: Path | None, extensions: Sequence[Extension] = (),
+              image_check_record: Path | None = None) -> RunState:
+    """Every part of a run, built once on this rank; `run_dir` is where this rank writes (None: nowhere);
+    `image_check_record`, a resumed run's record of the image check (every rank reads it)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     batches = plan_batches(cfg.data, env.world_size)
-    splits = build_data(cfg, Collectives(env))
+    splits = build_data(cfg, Collectives(env), image_check_record)
     sampler = GlobalBatchSampler(len(splits.train), batches, env.rank, cfg.run.seed)
     plan = RunPlan(batches, sampler.steps_per_epoch, lr_schedule(cfg, sampler.steps_per_epoch))
     model = build_network(cfg, splits, env.device, batches.ghost_bn_batch)

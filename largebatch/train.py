@@ -6,6 +6,7 @@ needs the step counter; everything else a resume needs is in the run state's one
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -18,6 +19,7 @@ import torch
 from largebatch import build
 from largebatch.config import Config
 from largebatch.data import collate_batch
+from largebatch.data.verify import CHECK_NAME
 from largebatch.dist import init_distributed, shutdown
 from largebatch.checkpoint import checkpoints_in
 from largebatch.errors import NonFiniteLossError, RankLostError
@@ -52,9 +54,12 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
     front door: it validates the config and prepares the run directory so."""
     env = init_distributed(cfg.dist)
     try:
-        state = build.build_run(cfg, env, run_dir if env.is_main else None, extensions)
+        record = run_dir / CHECK_NAME if resume and run_dir is not None else None
+        state = build.build_run(cfg, env, run_dir if env.is_main else None, extensions, image_check_record=record)
         if env.is_main and prepare_run_dir is not None:
             prepare_run_dir()
+        if env.is_main and run_dir is not None and state.splits.image_check is not None:
+            (run_dir / CHECK_NAME).write_text(json.dumps(state.splits.image_check), encoding="utf-8")
         try:
             resumed_from = None
             if resume:

@@ -4,6 +4,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,32 @@ def test_samples_left_out_of_each_epoch_are_said(tmp_path, capsys):
     plan = read_metrics(tmp_path / "r")[0]
     assert plan["kind"] == "plan" and (plan["train_samples"], plan["dropped_per_epoch"]) == (250, 58)
     assert "58 of 250 training samples are left out of every epoch" in capsys.readouterr().err
+
+
+def test_a_resumed_run_reuses_the_image_check_of_unchanged_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from largebatch import build
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / "images" / split / label).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                    tmp_path / "images" / split / label / f"{i}.png")
+    (tmp_path / "images" / "train" / "a" / "0.png").write_bytes(b"junk")
+    checks = []
+    monkeypatch.setattr(build, "unreadable_images", lambda paths, *a: checks.append(len(paths)) or
+                        [(p, "junk") for p in paths if p.endswith("train/a/0.png")])
+    folder = ["--data.source", "folder", "--data.path", str(tmp_path / "images"), "--data.image_size", "16",
+              "--data.on_bad_image", "skip", "--data.global_batch", "5", "--data.micro_batch", "0",
+              "--data.bn_batch", "0", "--data.augment", "none"]
+    run(tmp_path, "r", *folder, "--run.stop_after_epochs", "1")
+    assert checks == [32] and (tmp_path / "r" / "image_check.json").is_file()
+    result = run(tmp_path, "r", resume=True)
+    assert checks == [32] and result.steps == 6  # read from the record; 31 usable images: 6 steps of 5 an epoch
+    changed = rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    Image.fromarray(changed).save(tmp_path / "images" / "val" / "b" / "7.png")  # a changed file: checked again
+    run(tmp_path, "r", "--schedule.epochs", "4", resume=True)
+    assert checks == [32, 32]

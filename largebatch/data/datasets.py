@@ -20,7 +20,7 @@ from torchvision.datasets import ImageFolder
 from . import formats
 from .formats import DatasetError
 from .transforms import FOLDER_CROP, augment_batch, channel_stats, folder_transforms, normalize
-from .verify import unreadable_images
+from .verify import check_with_record, unreadable_images
 
 SOURCES: tuple[str, ...] = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
 AUGMENTS: tuple[str, ...] = ("auto", "none", "flip", "crop_flip", "imagenet")
@@ -38,6 +38,7 @@ class DataSplits:
     in_channels: int
     image_size: int
     skipped_images: int = 0  # unreadable images left out (folder data with on_bad_image = "skip")
+    image_check: dict | None = None  # folder data: the image check's record, to keep in the run directory
 
 
 class TensorImageDataset(Dataset):
@@ -144,12 +145,14 @@ def tensor_splits(arrays: formats.ArraySplits, source: str, augment: str) -> Dat
 
 
 def folder_splits(path: str, augment: str, image_size: int = FOLDER_CROP, on_bad_image: str = "stop",
-                  check: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images) -> DataSplits:
+                  check: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images,
+                  check_record: Path | None = None) -> DataSplits:
     """ImageNet-style tree path/train/<class>/* and path/val/<class>/*, with matching class folders.
 
-    Every image is checked first (`check`, by default `verify.unreadable_images` in this process):
-    with `on_bad_image` "stop" any unreadable one raises a DatasetError listing them all; with "skip"
-    they are left out and counted (`DataSplits.skipped_images`)."""
+    Every image is checked first (`check`, by default `verify.unreadable_images` in this process, or
+    the findings in `check_record` when it was made for the same files): with `on_bad_image` "stop"
+    any unreadable one raises a DatasetError listing them all; with "skip" they are left out and
+    counted (`DataSplits.skipped_images`)."""
     root = formats.existing_path(path, "folder")
     for split in FOLDER_SPLITS:
         if not (root / split).is_dir():
@@ -161,7 +164,7 @@ def folder_splits(path: str, augment: str, image_size: int = FOLDER_CROP, on_bad
         raise DatasetError(
             f"folder path {root}: class folders differ between train ({train.classes}) and val ({test.classes})"
         )
-    bad = check([p for dataset in (train, test) for p, _ in dataset.samples])
+    bad, record = check_with_record([p for dataset in (train, test) for p, _ in dataset.samples], check, check_record)
     if bad and on_bad_image == "stop":
         listing = "\n".join(f"  {p}: {why}" for p, why in bad[:50]) + (f"\n  ... and {len(bad) - 50} more"
                                                                        if len(bad) > 50 else "")
@@ -169,23 +172,24 @@ def folder_splits(path: str, augment: str, image_size: int = FOLDER_CROP, on_bad
                            f"out):\n{listing}")
     for dataset in (train, test):
         dataset.drop({p for p, _ in bad})
-    return DataSplits(train, test, len(train.classes), 3, image_size, skipped_images=len(bad))
+    return DataSplits(train, test, len(train.classes), 3, image_size, skipped_images=len(bad), image_check=record)
 
 
 def load_splits(source: str, path: str = "", augment: str = "auto", *,
                 synthetic_shape: tuple[int, int, int] = (3, 32, 32), synthetic_classes: int = 10,
                 synthetic_train: int = 1024, synthetic_test: int = 256, seed: int = 0, image_size: int = FOLDER_CROP,
                 on_bad_image: str = "stop",
-                check_images: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images) -> DataSplits:
+                check_images: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images,
+                image_check_record: Path | None = None) -> DataSplits:
     """Load a data set by source name (see SOURCES) with train augmentation `augment` (see AUGMENTS).
 
     'fashion_mnist' and 'synthetic' take no path; the synthetic_* arguments and `seed` only
-    affect 'synthetic'; `image_size`, `on_bad_image` and `check_images` only 'folder' (see
-    `folder_splits`). Raises DatasetError for any bad input.
+    affect 'synthetic'; `image_size`, `on_bad_image`, `check_images` and `image_check_record` only
+    'folder' (see `folder_splits`). Raises DatasetError for any bad input.
     """
     check_choices(source, augment, path)
     if source == "folder":
-        return folder_splits(path, augment, image_size, on_bad_image, check_images)
+        return folder_splits(path, augment, image_size, on_bad_image, check_images, image_check_record)
     if source == "fashion_mnist":
         arrays = formats.read_embedded()
     elif source == "npz":
