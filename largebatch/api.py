@@ -121,7 +121,8 @@ def run(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
         return train(cfg, run_dir, resume=resume, extensions=extensions, prepare_run_dir=prepare_run_dir)
     except BaseException:
         # A new run that failed before its first checkpoint leaves nothing behind: the same command can
-        # simply be run again.
-        if not resume and is_main_process() and run_dir.is_dir() and not checkpoints_in(run_dir):
+        # simply be run again. (A run that writes no checkpoints keeps its records of what happened.)
+        if (not resume and cfg.run.checkpoint and is_main_process() and run_dir.is_dir()
+                and not checkpoints_in(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise

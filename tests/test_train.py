@@ -215,3 +215,9 @@ def test_a_resumed_run_reuses_the_image_check_of_unchanged_files(tmp_path, monke
     Image.fromarray(changed).save(tmp_path / "images" / "val" / "b" / "7.png")  # a changed file: checked again
     run(tmp_path, "r", "--schedule.epochs", "4", resume=True)
     assert checks == [32, 32]
+
+
+def test_a_run_without_checkpoints_keeps_its_records_when_it_fails(tmp_path):
+    with pytest.raises(NonFiniteLossError):
+        run(tmp_path, "nockpt", "--optim.base_lr", "1e30", "--schedule.warmup_epochs", "0", "--run.checkpoint", "false")
+    assert [r["kind"] for r in read_metrics(tmp_path / "nockpt")][:2] == ["plan", "mlperf"]
