@@ -110,6 +110,8 @@ class DistConfig:
     backend: str = choice("auto", ("auto", "gloo", "nccl"), "auto: nccl on cuda, gloo on cpu")
     bucket_cap_mb: float = number(25.0, 0.0, lo_open=True, help="DDP gradient bucket size")
     broadcast_buffers: bool = plain(True, "DDP: broadcast rank 0's BN buffers every forward")
+    comm_hook: str = choice("none", ("none", "fp16", "bf16"), "gradients all-reduced in fp32 (none), fp16 or bf16 "
+                            "(bf16 needs nccl)")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,10 @@ def test_choice_lists_match_the_components():
     assert set(MODEL_NAMES) == set(models.MODELS)
     assert set(OPTIMIZER_NAMES) == set(optim.OPTIMIZERS)
     assert set(LARS_MODES) == set(optim.LARS_MODES)
+    from largebatch.config import DistConfig
+    from largebatch.dist.comm_hooks import COMM_HOOKS
+
+    assert set(dataclasses.fields(DistConfig)[-1].metadata["choices"]) == set(COMM_HOOKS)
     assert (set(SCALING_RULES), set(WARMUP_MODES), set(DECAYS)) == (
         set(schedule.SCALING_RULES), set(schedule.WARMUP_MODES), set(schedule.DECAYS))
 

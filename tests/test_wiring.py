@@ -663,6 +663,17 @@ def ddp_arguments(monkeypatch, overrides: dict) -> dict:
     return received
 
 
+@probe("dist.comm_hook")
+def dist_comm_hook_is_registered_on_ddp(monkeypatch):
+    hooks: list[str] = []
+    monkeypatch.setattr(ddp, "register_comm_hook", lambda model, name: hooks.append(name))
+    for name in ("none", "fp16"):
+        ddp_arguments(monkeypatch, {"dist.comm_hook": name})
+    assert hooks == ["none", "fp16"]
+    with pytest.raises(largebatch.errors.ConfigError, match="'bf16' needs the nccl backend"):
+        largebatch.api.check_device(config({"dist.comm_hook": "bf16", "dist.backend": "gloo"}))
+
+
 @probe("dist.bucket_cap_mb")
 def dist_bucket_cap_mb_reaches_ddp(monkeypatch):
     for megabytes in (25.0, 5.0):

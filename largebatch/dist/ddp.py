@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.config import DistConfig
+from largebatch.dist.comm_hooks import register_comm_hook
 from largebatch.dist.env import DistEnv, all_gather_objects
 
 
@@ -31,14 +32,17 @@ def check_same_init(model: nn.Module, env: DistEnv) -> None:
 
 
 def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
-    """DDP around `model` when there is more than one process; the model itself otherwise."""
+    """DDP around `model` when there is more than one process, with the configured communication hook
+    (its byte counts as `comm_stats`); the model itself otherwise."""
     if not env.distributed:
         return model
     check_same_init(model, env)
-    return DistributedDataParallel(
+    ddp_model = DistributedDataParallel(
         model,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         bucket_cap_mb=cfg.bucket_cap_mb,
         broadcast_buffers=cfg.broadcast_buffers,
         init_sync=False,
     )
+    ddp_model.comm_stats = register_comm_hook(ddp_model, cfg.comm_hook)
+    return ddp_model
