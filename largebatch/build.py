@@ -18,6 +18,7 @@ from largebatch.data.sampler import GlobalBatchSampler
 from largebatch.data.verify import unreadable_images
 from largebatch.dist import Collectives, DistEnv, wrap_model
 from largebatch.extensions import Extension, StepContext
+from largebatch.extensions.consistency import RankConsistencyCheck
 from largebatch.extensions.grad_clip import GradClip
 from largebatch.extensions.trust_ratios import TrustRatioLog
 from largebatch.metrics import RunLogger
@@ -81,12 +82,14 @@ def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor
 
 
 def builtin_extensions(cfg: Config) -> list[Extension]:
-    """The extensions the config asks for: gradient clipping, trust-ratio logging."""
+    """The extensions the config asks for: gradient clipping, trust-ratio logging, the rank-consistency check."""
     extensions: list[Extension] = []
     if cfg.optim.clip_grad_norm > 0:
         extensions.append(GradClip(cfg.optim.clip_grad_norm))
     if cfg.run.trust_log_every > 0:
         extensions.append(TrustRatioLog(cfg.run.trust_log_every))
+    if cfg.dist.check_every > 0:
+        extensions.append(RankConsistencyCheck(cfg.dist.check_every))
     return extensions
 
 

@@ -18,7 +18,7 @@ from largebatch import recipes
 from largebatch.api import (check_data_path, is_main_process, launched_world_size, load_config, load_for_auto_resume,
                             run)
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
-from largebatch.errors import RankLostError, UserError
+from largebatch.errors import RankLostError, RanksDivergedError, UserError
 from largebatch.plan import peak_lr
 from largebatch.run_dir import to_toml
 
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"largebatch {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except RankLostError as e:
+    except (RankLostError, RanksDivergedError) as e:
         print(f"largebatch {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

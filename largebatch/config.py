@@ -112,6 +112,7 @@ class DistConfig:
     broadcast_buffers: bool = plain(True, "DDP: broadcast rank 0's BN buffers every forward")
     comm_hook: str = choice("none", ("none", "fp16", "bf16"), "gradients all-reduced in fp32 (none), fp16 or bf16 "
                             "(bf16 needs nccl)")
+    check_every: int = number(0, 0, help="steps between checks that all ranks hold the same parameters; 0: never")
 
 
 @dataclass(frozen=True)

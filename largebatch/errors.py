@@ -30,3 +30,8 @@ class RankLostError(RuntimeError):
     """A collective failed because another process of the job died or stopped answering; the message
     names this rank, the step and the newest checkpoint. A fault, not bad input: under torchrun
     --max-restarts the job restarts and `--resume auto` continues from that checkpoint."""
+
+
+class RanksDivergedError(RuntimeError):
+    """The ranks of a job no longer hold the same parameters; the message names the first differing
+    tensor, the ranks and the step."""

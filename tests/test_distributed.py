@@ -180,3 +180,13 @@ def test_fp16_hook_through_the_config_trains_like_one_process(tmp_path):
     # fp16 loses without loss scaling add up, so the trained tensors agree to a few percent.
     for key in single:
         assert ((fp16[key] - single[key]).norm() / single[key].norm()).item() < 0.1, key
+
+
+def test_a_rank_that_diverges_is_caught_within_check_every_steps(tmp_path):
+    argv = [str(REPO / "tests" / "fault_job.py"), *SYNTHETIC, "--data.global_batch", "24", "--data.micro_batch", "6",
+            "--data.bn_batch", "3", "--dist.check_every", "2", "--run.out_dir", str(tmp_path), "--run.name", "d",
+            "--fault", "perturb", "1", "3"]
+    results = run_ranks(argv, 2, check=False)
+    assert all(r.returncode != 0 for r in results)
+    assert ("after step 4 the ranks no longer hold the same parameters: rank(s) [1] differ from rank 0, first in "
+            "'features.0.weight'") in results[0].stdout

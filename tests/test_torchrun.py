@@ -82,7 +82,7 @@ def test_a_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
     each step recorded once."""
     kill_step = random.Random().choice([4, 5, 7, 10, 11, 13, 14])  # 8 steps an epoch, checkpoints every 3
     fault_job(tmp_path, "straight")
-    restarted = fault_job(tmp_path, "killed", "--kill-rank", "1", "--kill-after-step", str(kill_step))
+    restarted = fault_job(tmp_path, "killed", "--fault", "kill", "1", str(kill_step))
     assert "exitcode: -9" in restarted.stderr  # the rank really died by SIGKILL, and the job still succeeded
     straight, killed = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("straight", "killed"))
     for key, tensor in straight["model"].items():

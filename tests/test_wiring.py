@@ -674,6 +674,15 @@ def dist_comm_hook_is_registered_on_ddp(monkeypatch):
         largebatch.api.check_device(config({"dist.comm_hook": "bf16", "dist.backend": "gloo"}))
 
 
+@probe("dist.check_every")
+def dist_check_every_adds_the_consistency_check():
+    from largebatch.extensions.consistency import RankConsistencyCheck
+
+    assert not any(isinstance(e, RankConsistencyCheck) for e in built({"dist.check_every": 0}).extensions)
+    checks = [e for e in built({"dist.check_every": 3}).extensions if isinstance(e, RankConsistencyCheck)]
+    assert [c.every for c in checks] == [3]
+
+
 @probe("dist.bucket_cap_mb")
 def dist_bucket_cap_mb_reaches_ddp(monkeypatch):
     for megabytes in (25.0, 5.0):

@@ -13,18 +13,12 @@ from torch.nn.parallel import DistributedDataParallel
 from largebatch.config import DistConfig
 from largebatch.dist.comm_hooks import register_comm_hook
 from largebatch.dist.env import DistEnv, all_gather_objects
-
-
-def parameter_fingerprint(model: nn.Module) -> list[float]:
-    """Per-tensor float64 sums of parameters and buffers: equal models give equal lists."""
-    with torch.no_grad():
-        return [t.detach().double().sum().item() for t in (*model.parameters(), *model.buffers())
-                if t.is_floating_point()]
+from largebatch.fingerprint import fingerprints
 
 
 def check_same_init(model: nn.Module, env: DistEnv) -> None:
     """Raise if ranks did not build identical models (e.g. a seed that depends on the rank)."""
-    prints = all_gather_objects(parameter_fingerprint(model), env)
+    prints = all_gather_objects(fingerprints((*model.parameters(), *model.buffers())), env)
     differing = [rank for rank, p in enumerate(prints) if p != prints[0]]
     if differing:
         raise RuntimeError(f"ranks {differing} built a model different from rank 0's: every rank must "
