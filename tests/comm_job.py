@@ -33,6 +33,7 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         with open(f"{out}/comm.json", "w") as f:
             json.dump({"fp16_bytes": sent, "fp32_bytes": numel * 4, "fp16_error": error}, f)
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
