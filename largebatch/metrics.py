@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from largebatch.run_dir import write_text_atomic
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -45,9 +46,7 @@ class RunLogger:
         if after_step is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                     if line.strip() and json.loads(line)["step"] <= after_step]
-            tmp = path.with_name(f".{METRICS_NAME}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(kept))
         self._file = open(path, "a", encoding="utf-8")
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it writes

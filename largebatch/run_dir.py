@@ -52,7 +52,7 @@ def create_run_dir(run_dir: Path, cfg: Config, *, overwrite: bool) -> None:
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / CONFIG_NAME, to_toml(cfg))
+    write_text_atomic(run_dir / CONFIG_NAME, to_toml(cfg))
 
 
 def update_run_config(run_dir: Path, cfg: Config) -> Path | None:
@@ -65,11 +65,12 @@ def update_run_config(run_dir: Path, cfg: Config) -> Path | None:
     while (kept := run_dir / f"config.{n}.toml").exists():
         n += 1
     shutil.copy2(current, kept)
-    _write_atomic(current, to_toml(cfg))
+    write_text_atomic(current, to_toml(cfg))
     return kept
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` so that a reader sees the old content or the new, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -26,6 +26,7 @@ from largebatch.errors import NonFiniteLossError, RankLostError
 from largebatch.evaluate import EvalResult, eval_loader, evaluate
 from largebatch.extensions import Extension
 from largebatch.metrics import progress_bar
+from largebatch.run_dir import write_text_atomic
 from largebatch.state import RunState
 from largebatch.step import TrainStep
 from largebatch.stop import StopSignals
@@ -59,7 +60,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
         if env.is_main and prepare_run_dir is not None:
             prepare_run_dir()
         if env.is_main and run_dir is not None and state.splits.image_check is not None:
-            (run_dir / CHECK_NAME).write_text(json.dumps(state.splits.image_check), encoding="utf-8")
+            write_text_atomic(run_dir / CHECK_NAME, json.dumps(state.splits.image_check))
         try:
             resumed_from = None
             if resume:
