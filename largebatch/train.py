@@ -21,8 +21,9 @@ from largebatch.config import Config
 from largebatch.data import collate_batch
 from largebatch.data.verify import CHECK_NAME
 from largebatch.dist import init_distributed, shutdown
+from largebatch.dist.peers import PeerWatch, is_lost_peer_error, previous_attempt_loss
 from largebatch.checkpoint import checkpoints_in
-from largebatch.errors import NonFiniteLossError, RankLostError
+from largebatch.errors import NonFiniteLossError, RankLostError, RunInterrupted
 from largebatch.evaluate import EvalResult, eval_loader, evaluate
 from largebatch.extensions import Extension
 from largebatch.metrics import progress_bar
@@ -54,6 +55,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
     rank 0 once the data and the model are built, before anything is written. `largebatch.run` is the
     front door: it validates the config and prepares the run directory so."""
     env = init_distributed(cfg.dist)
+    peers = PeerWatch.start(env)
+    state: RunState | None = None
     try:
         record = run_dir / CHECK_NAME if resume and run_dir is not None else None
         state = build.build_run(cfg, env, run_dir if env.is_main else None, extensions, image_check_record=record)
@@ -73,15 +76,21 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
                 return TrainResult(run_dir if env.is_main else None, None, p.epoch, p.step, p.skipped_steps, 0.0,
                                    p.time_to_accuracy_s, resumed_from, already_finished=True)
             state.logger.open(after_step=state.progress.step if resume else None)
+            _report_restart(state, resumed_from)
             with StopSignals() as signals:
-                try:
-                    return _train(state, run_dir if env.is_main else None, resumed_from, signals)
-                except RuntimeError as e:
-                    if env.distributed and _lost_a_rank(e):
-                        raise _rank_lost(env.rank, state.progress.step, run_dir, e) from e
-                    raise
+                return _train(state, run_dir if env.is_main else None, resumed_from, signals)
         finally:
             state.logger.close()
+    except BaseException as error:
+        step = state.progress.step if state is not None else None
+        if env.distributed and is_lost_peer_error(error):
+            lost = f"{peers.diagnose()}; rank {env.rank} stopped after step {step}"
+            peers.leave_for_restart(lost)
+            raise _rank_lost(lost, run_dir) from error
+        peers.record_failure(step, error)
+        if isinstance(error, KeyboardInterrupt) and env.is_main and run_dir is not None:
+            raise _interrupted(step, run_dir) from error
+        raise
     finally:
         shutdown(env)
 
@@ -195,18 +204,27 @@ class _Window:
         return sum(self.losses) / len(self.losses) if self.losses else math.nan
 
 
-def _lost_a_rank(error: RuntimeError) -> bool:
-    """Whether a collective failed because a peer process went away (gloo / NCCL transport errors)."""
-    text = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(
-        marker in text for marker in ("Connection reset", "Connection closed", "Broken pipe", "Connection refused",
-                                      "gloo", "NCCL"))
+def _report_restart(state: RunState, resumed_from: Path | None) -> None:
+    """Under torchrun --max-restarts, say (and log) why the previous attempt ended and where this one resumed."""
+    lost = previous_attempt_loss(state.env)
+    if lost is None or not state.env.is_main:
+        return
+    state.logger.log("restart", state.progress.step, cause=lost, resumed_from=str(resumed_from))
+    print(f"largebatch: restarted by torchrun after: {lost}; resumed from "
+          f"{resumed_from or 'the start (no checkpoint yet)'}", file=sys.stderr)
 
 
-def _rank_lost(rank: int, step: int, run_dir: Path | None, error: RuntimeError) -> RankLostError:
+def _interrupted(step: int | None, run_dir: Path) -> RunInterrupted:
+    newest = checkpoints_in(run_dir)
+    if not newest:
+        return RunInterrupted(f"stopped at once in step {(step or 0) + 1}; no checkpoint was written, so there is "
+                              "nothing to resume")
+    return RunInterrupted(f"stopped at once in step {(step or 0) + 1}, without a checkpoint of its own; the newest "
+                          f"checkpoint is {newest[0]}: continue with `largebatch train --resume {run_dir}`")
+
+
+def _rank_lost(lost: str, run_dir: Path | None) -> RankLostError:
     newest = checkpoints_in(run_dir) if run_dir is not None else []
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     where = f"the newest checkpoint is {newest[0]}" if newest else "no checkpoint was written yet"
-    return RankLostError(f"rank {rank} lost contact with another rank at step {step}: another process died or "
-                         f"stopped answering ({cause[:200]}); {where}; under torchrun --max-restarts N with "
-                         "--resume auto the job restarts from it")
+    return RankLostError(f"{lost}; {where}; under torchrun --max-restarts N with --resume auto the job restarts "
+                         "from it")

@@ -1,8 +1,8 @@
-"""A job that suffers a fault: `python|torchrun tests/fault_job.py [--fault kill|perturb RANK STEP]
+"""A job that suffers a fault: `python|torchrun tests/fault_job.py [--fault kill|raise|perturb RANK STEP]
 [--section.field VALUE ...]`. It runs as `largebatch train --resume auto` does (resume from the
 newest checkpoint when there is one). On torchrun's first attempt rank RANK, right after optimizer
-step STEP, either kills itself with SIGKILL, as a lost machine would (`kill`), or nudges one of its
-weights, as a bit flip would (`perturb`)."""
+step STEP, either kills itself with SIGKILL, as a lost machine would (`kill`), raises an error, as a
+bug or bad data would (`raise`), or nudges one of its weights, as a bit flip would (`perturb`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class Fault(Extension):
             return
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "raise":
+            raise ValueError(f"injected fault after step {self.step}")
         with torch.no_grad():
             next(self.ctx.model.parameters()).view(-1)[0] += 1e-3
 

@@ -15,6 +15,7 @@ from largebatch.checkpoint import load_checkpoint
 from multiproc import REPO, run_python, run_ranks, start_ranks
 
 EXTENSION_JOB = str(REPO / "tests" / "extension_job.py")
+FAULT_JOB = str(REPO / "tests" / "fault_job.py")
 
 # 12x12 synthetic images keep a float64 run of a real model (small_cnn with ghost BN) to seconds.
 SYNTHETIC = ["--data.source", "synthetic", "--data.synthetic_shape", "1,12,12", "--data.synthetic_train", "144",
@@ -134,9 +135,9 @@ def test_distributed_eval_command_counts_each_sample_once(tmp_path):
     assert single.strip().splitlines()[-1] == multi.strip().splitlines()[-1]
 
 
-def test_a_lost_rank_ends_the_other_with_one_line(tmp_path):
-    """Rank 1 is SIGKILLed mid-run (a lost machine); rank 0 stops with one line naming itself, the step and the
-    newest checkpoint, not with a gloo traceback."""
+def test_a_killed_rank_is_named_by_the_survivor_in_one_line(tmp_path):
+    """Rank 1 is SIGKILLed mid-run (a lost machine); rank 0 stops with one line naming the dead rank, its pid
+    and cause, the step and the newest checkpoint, not with a gloo traceback."""
     argv = [*train_argv(tmp_path, "lost", 24, 6, 3), "--schedule.epochs", "20", "--run.checkpoint_every", "2"]
     procs = start_ranks(argv, 2)
     metrics = tmp_path / "lost" / "metrics.jsonl"
@@ -151,10 +152,20 @@ def test_a_lost_rank_ends_the_other_with_one_line(tmp_path):
         for proc in procs:
             proc.kill()
     assert procs[0].returncode == 1, out
-    lost = re.search(r"largebatch train: error: rank 0 lost contact with another rank at step (\d+): .*the newest "
+    lost = re.search(rf"largebatch train: error: rank 1 \(pid {procs[1].pid} on \S+\) died: its process ended "
+                     r"without recording an error: killed by a signal .*; rank 0 stopped after step (\d+); the newest "
                      r"checkpoint is (\S+);", out)
     assert lost and "Traceback" not in out, out
     assert int(lost.group(1)) >= 5 and Path(lost.group(2)).parent == tmp_path / "lost"
+
+
+def test_a_rank_that_raises_is_named_with_its_error_by_the_survivor(tmp_path):
+    argv = [FAULT_JOB, *train_argv(tmp_path, "raised", 24, 6, 3)[3:], "--fault", "raise", "1", "3"]
+    survivor, failed = run_ranks(argv, 2, check=False)
+    assert failed.returncode != 0 and "ValueError: injected fault after step 3" in failed.stdout
+    named = re.search(r"RankLostError: rank 1 \(pid \d+ on \S+\) failed in step 3: ValueError: injected fault after "
+                      r"step 3; rank 0 stopped after step 3; no checkpoint was written yet", survivor.stdout)
+    assert named, survivor.stdout
 
 
 def test_resume_under_another_world_size_says_what_is_not_restored(tmp_path):

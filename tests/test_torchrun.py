@@ -3,6 +3,7 @@
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -84,9 +85,15 @@ def test_a_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
     fault_job(tmp_path, "straight")
     restarted = fault_job(tmp_path, "killed", "--fault", "kill", "1", str(kill_step))
     assert "exitcode: -9" in restarted.stderr  # the rank really died by SIGKILL, and the job still succeeded
+    said = re.search(r"largebatch: restarted by torchrun after: rank 1 \(pid \d+ on \S+\) died: its process ended "
+                     r"without recording an error.*; rank 0 stopped after step (\d+); .*resumed from (\S+)",
+                     restarted.stderr)
+    assert said and int(said.group(1)) >= kill_step - 1, restarted.stderr
     straight, killed = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("straight", "killed"))
     for key, tensor in straight["model"].items():
         assert torch.equal(tensor, killed["model"][key]), (kill_step, key)
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 17)), kill_step
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    restart = [r for r in records if r["kind"] == "restart"]
+    assert len(restart) == 1 and restart[0]["cause"].startswith("rank 1 ") and said.group(2) == restart[0]["resumed_from"]

@@ -6,7 +6,7 @@ process group, so single-process runs take the same code path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +24,7 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     backend: str | None  # None when running as a single process without a process group
+    store: dist.Store | None = field(default=None, compare=False, repr=False)  # this attempt's key space
 
     @property
     def is_main(self) -> bool:
@@ -52,14 +53,14 @@ def init_distributed(cfg: DistConfig, timeout_s: float = 600.0) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = _pick_device(cfg, local_rank)
-    backend = None
+    backend, store = None, None
     if world_size > 1:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if not dist.is_initialized():
             timeout = timedelta(seconds=timeout_s)
-            dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
-                                    world_size=world_size, timeout=timeout)
-    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
+            store = _attempt_store(rank, world_size, timeout)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, store)
 
 
 def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -67,7 +68,12 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store
     the agent's store still holds the dead attempt's keys, among them the ranks' gloo addresses; a
     restarted rank that read one of those would try to connect to a process that no longer exists."""
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    return dist.PrefixStore(f"largebatch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(attempt_prefix(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))), store)
+
+
+def attempt_prefix(attempt: int) -> str:
+    """The store keys of torchrun's attempt number `attempt` (0 first, 1 after the first restart)."""
+    return f"largebatch/attempt_{attempt}"
 
 
 def shutdown(env: DistEnv) -> None:
