@@ -18,7 +18,7 @@ from largebatch import recipes
 from largebatch.api import (check_data_path, is_main_process, launched_world_size, load_config, load_for_auto_resume,
                             run)
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
-from largebatch.errors import RankLostError, RanksDivergedError, UserError
+from largebatch.errors import RankLostError, RanksDivergedError, RunInterrupted, UserError
 from largebatch.plan import peak_lr
 from largebatch.run_dir import to_toml
 
@@ -173,9 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RankLostError, RanksDivergedError) as e:
         print(f"largebatch {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        print(f"largebatch {args.command}: interrupted (a second Ctrl-C): {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print(f"largebatch {args.command}: interrupted at once (a second Ctrl-C): no checkpoint was written for "
-              "the steps since the last one", file=sys.stderr)
+        print(f"largebatch {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

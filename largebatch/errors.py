@@ -35,3 +35,8 @@ class RankLostError(RuntimeError):
 class RanksDivergedError(RuntimeError):
     """The ranks of a job no longer hold the same parameters; the message names the first differing
     tensor, the ranks and the step."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C stopped the run at once, without a checkpoint of its own; the message names the
+    newest checkpoint there is and how to continue from it."""

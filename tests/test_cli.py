@@ -210,3 +210,17 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     step, path = int(stopped.group(1)), Path(stopped.group(2))
     assert 3 <= step < 64 * 3 and path == tmp_path / "r" / f"checkpoint-{step:08d}.pt"
     assert load_checkpoint(path)["progress"]["step"] == step
+
+
+def test_a_second_ctrl_c_is_said_in_one_line_with_the_trainers_words(capsys, monkeypatch):
+    """The trainer's words (tested in test_train) reach the screen as one line, exit status 130."""
+    from largebatch import cli
+    from largebatch.errors import RunInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("stopped at once in step 6; the newest checkpoint is X")
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert main(["train", "--data.source", "synthetic"]) == 130
+    assert capsys.readouterr().err == ("largebatch train: interrupted (a second Ctrl-C): stopped at once in step 6; "
+                                       "the newest checkpoint is X\n")

@@ -11,7 +11,7 @@ import torch
 import largebatch
 from largebatch.checkpoint import load_checkpoint
 from largebatch.cli import parse_overrides
-from largebatch.errors import NonFiniteLossError
+from largebatch.errors import NonFiniteLossError, RunInterrupted
 from largebatch.extensions import Extension
 from largebatch.metrics import read_metrics
 from largebatch.run_dir import CONFIG_NAME
@@ -145,16 +145,18 @@ def test_resuming_a_finished_run_trains_and_writes_nothing(tmp_path):
 
 
 class SignalAfterStep(Extension):
-    """Sends this process `signum` right after optimizer step `step`, as a scheduler's notice would arrive."""
+    """Sends this process `signum` (`times` times) right after optimizer step `step`, as a scheduler's notice
+    or a user's Ctrl-C would arrive."""
 
     name = "signal_after_step"
 
-    def __init__(self, signum, step):
-        self.signum, self.step = signum, step
+    def __init__(self, signum, step, times=1):
+        self.signum, self.step, self.times = signum, step, times
 
     def after_step(self, step, applied):
         if step + 1 == self.step:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -171,6 +173,14 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_names_the_newest_checkpoint(tmp_path):
+    cfg = config(tmp_path, "--run.name", "twice")
+    with pytest.raises(RunInterrupted, match=r"stopped at once in step 6, .* the newest checkpoint is "
+                       rf"{tmp_path / 'twice' / 'checkpoint-00000004.pt'}: continue with `largebatch train --resume "):
+        largebatch.run(cfg, extensions=[SignalAfterStep(signal.SIGINT, 6, times=2)])
+    assert [r["step"] for r in read_metrics(tmp_path / "twice") if r["kind"] == "train"] == [2, 4]  # step 6 never ended
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path):
