@@ -83,9 +83,9 @@ def check_device(cfg: Config) -> None:
     if cfg.run.precision == "fp16" and not cuda:
         raise ConfigError(f"run.precision = 'fp16' needs a GPU (fp16 with GradScaler), and dist.device = "
                           f"{cfg.dist.device!r} runs on the CPU here; use 'bf16' or 'fp32'")
-    if cfg.dist.comm_hook == "bf16" and (cfg.dist.backend == "gloo" or not cuda):
-        raise ConfigError("dist.comm_hook = 'bf16' needs the nccl backend (gloo cannot all-reduce bfloat16); "
-                          "use 'fp16' or 'none'")
+    if cfg.dist.comm_hook.endswith("bf16") and (cfg.dist.backend == "gloo" or not cuda):
+        raise ConfigError(f"dist.comm_hook = {cfg.dist.comm_hook!r} needs the nccl backend (gloo cannot all-reduce "
+                          f"bfloat16); use {cfg.dist.comm_hook.replace('bf16', 'fp16')!r}")
     if cfg.dist.backend == "nccl" and not cuda:
         raise ConfigError(f"dist.backend = 'nccl' needs a GPU, and dist.device = {cfg.dist.device!r} runs on the "
                           "CPU here; use 'gloo' or 'auto'")

@@ -6,6 +6,7 @@ constructor arguments, shared by training and evaluation so both build the very 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from largebatch.data import DataSplits, load_splits
 from largebatch.data.sampler import GlobalBatchSampler
 from largebatch.data.verify import unreadable_images
 from largebatch.dist import Collectives, DistEnv, wrap_model
+from largebatch.dist.threads import choose_threads, usable_cores
 from largebatch.extensions import Extension, StepContext
 from largebatch.extensions.consistency import RankConsistencyCheck
 from largebatch.extensions.grad_clip import GradClip
@@ -97,8 +99,10 @@ def build_run(cfg: Config, env: DistEnv, run_dir: Path | None, extensions: Seque
               image_check_record: Path | None = None) -> RunState:
     """Every part of a run, built once on this rank; `run_dir` is where this rank writes (None: nowhere);
     `image_check_record`, a resumed run's record of the image check (every rank reads it)."""
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    threads = choose_threads(cfg.run.threads, torch.get_num_threads(), env.local_world_size, usable_cores())
+    torch.set_num_threads(threads.threads)
+    if threads.note and env.local_rank == 0:
+        print(f"largebatch: {threads.note}", file=sys.stderr)
     batches = plan_batches(cfg.data, env.world_size)
     splits = build_data(cfg, Collectives(env), image_check_record)
     sampler = GlobalBatchSampler(len(splits.train), batches, env.rank, cfg.run.seed)

@@ -110,8 +110,10 @@ class DistConfig:
     backend: str = choice("auto", ("auto", "gloo", "nccl"), "auto: nccl on cuda, gloo on cpu")
     bucket_cap_mb: float = number(25.0, 0.0, lo_open=True, help="DDP gradient bucket size")
     broadcast_buffers: bool = plain(True, "DDP: broadcast rank 0's BN buffers every forward")
-    comm_hook: str = choice("none", ("none", "fp16", "bf16"), "gradients all-reduced in fp32 (none), fp16 or bf16 "
-                            "(bf16 needs nccl)")
+    comm_hook: str = choice("none", ("none", "fp16", "bf16", "hierarchical", "hierarchical_fp16", "hierarchical_bf16"),
+                            "gradient all-reduce: flat in fp32 (none), fp16 or bf16; hierarchical (reduce-scatter in "
+                            "the node, all-reduce across nodes, all-gather), in fp32 or with an fp16/bf16 wire; bf16 "
+                            "needs nccl")
     check_every: int = number(0, 0, help="steps between checks that all ranks hold the same parameters; 0: never")
 
 

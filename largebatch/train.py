@@ -21,6 +21,7 @@ from largebatch.config import Config
 from largebatch.data import collate_batch
 from largebatch.data.verify import CHECK_NAME
 from largebatch.dist import init_distributed, shutdown
+from largebatch.dist.comm_hooks import CommStats
 from largebatch.dist.peers import PeerWatch, is_lost_peer_error, previous_attempt_loss
 from largebatch.checkpoint import checkpoints_in
 from largebatch.errors import NonFiniteLossError, RankLostError, RunInterrupted
@@ -111,7 +112,7 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                micro_batch=b.micro_batch, accum_steps=b.accum_steps, bn_batch=b.bn_batch,
                steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, peak_lr=plan.peak_lr,
                train_samples=train_size, dropped_per_epoch=dropped, skipped_images=state.splits.skipped_images,
-               device=str(env.device))
+               device=str(env.device), threads=torch.get_num_threads())
     if state.splits.skipped_images and env.is_main:
         print(f"largebatch: warning: {state.splits.skipped_images} unreadable image(s) left out "
               "(data.on_bad_image = 'skip')", file=sys.stderr)
@@ -123,6 +124,7 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
     run_start = time.perf_counter() - progress.elapsed_s
     last_eval: EvalResult | None = None
     step = TrainStep(state)
+    comm = getattr(state.ddp_model, "comm_stats", None)  # what a communication hook counts
 
     bar = progress_bar(plan.total_steps, env.is_main and cfg.run.progress, "train")
     bar.update(progress.step)
@@ -133,7 +135,7 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
         epoch = progress.epoch
         state.sampler.set_epoch(epoch, progress.step - epoch * plan.steps_per_epoch)
         state.ddp_model.train()
-        window = _Window(time.perf_counter())
+        window = _Window(time.perf_counter(), progress.step, comm)
         micro_batches = iter(train_loader)
         while progress.step < plan.epoch_end(epoch):
             outcome = step(micro_batches, progress.step)
@@ -158,9 +160,9 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                 extra = {k: v for extension in state.extensions for k, v in extension.log_values().items()}
                 logger.log("train", progress.step, epoch=plan.epoch_at(progress.step), lr=outcome.lr,
                            loss=window.mean_loss(), images_per_s=len(window.losses) * b.global_batch / seconds,
-                           elapsed_s=time.perf_counter() - run_start, **extra)
+                           elapsed_s=time.perf_counter() - run_start, **window.comm_per_step(progress.step), **extra)
                 bar.set_postfix(loss=f"{window.mean_loss():.4f}", lr=f"{outcome.lr:.4g}")
-                window = _Window(time.perf_counter())
+                window = _Window(time.perf_counter(), progress.step, comm)
             if stopped_by:
                 break
         if progress.step < plan.epoch_end(epoch):  # stopped by a signal within the epoch
@@ -192,16 +194,25 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
 
 
 class _Window:
-    """Loss and throughput over the steps since the last log line."""
+    """Loss, throughput and gradient bytes sent over the steps since the last log line."""
 
-    def __init__(self, start: float):
-        self.start, self.losses = start, []
+    def __init__(self, start: float, step: int, comm: CommStats | None):
+        self.start, self.first_step, self.losses, self.comm = start, step, [], comm
+        self.sent = (comm.bytes_sent, comm.inter_node_bytes) if comm else (0, 0)
 
     def add(self, loss: float) -> None:
         self.losses.append(loss)
 
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+    def comm_per_step(self, step: int) -> dict[str, float]:
+        """Bytes the hook sent per step in this window, in all and across nodes ({} without a hook)."""
+        if self.comm is None or step == self.first_step:
+            return {}
+        steps = step - self.first_step
+        return {"comm_bytes_per_step": (self.comm.bytes_sent - self.sent[0]) / steps,
+                "inter_node_bytes_per_step": (self.comm.inter_node_bytes - self.sent[1]) / steps}
 
 
 def _report_restart(state: RunState, resumed_from: Path | None) -> None:

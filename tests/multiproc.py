@@ -26,25 +26,27 @@ def base_env() -> dict[str, str]:
 
 
 def start_ranks(argv: list[str], world_size: int, cwd: Path | None = None,
-                rank_argv: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
-    """Start `python ARGV` (rank r: ARGV + rank_argv[r]) as the ranks of one gloo job; stdout and stderr merged."""
+                rank_argv: dict[int, list[str]] | None = None, env: dict[str, str] | None = None
+                ) -> list[subprocess.Popen]:
+    """Start `python ARGV` (rank r: ARGV + rank_argv[r]) as the ranks of one gloo job, with `env` added to
+    the environment; stdout and stderr merged."""
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = base_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                            "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                            "LOCAL_WORLD_SIZE": str(world_size)}
+        rank_env = base_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                                 "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                                 "LOCAL_WORLD_SIZE": str(world_size)} | (env or {})
         extra = (rank_argv or {}).get(rank, [])
-        procs.append(subprocess.Popen([sys.executable, *argv, *extra], env=env, cwd=cwd, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, *argv, *extra], env=rank_env, cwd=cwd, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     return procs
 
 
 def run_ranks(argv: list[str], world_size: int, timeout: float = 180, cwd: Path | None = None, check: bool = True,
-              rank_argv: dict[int, list[str]] | None = None):
+              rank_argv: dict[int, list[str]] | None = None, env: dict[str, str] | None = None):
     """Run `python ARGV` (rank r: ARGV + rank_argv[r]) as `world_size` ranks of one gloo job; return their
     CompletedProcess results, each asserted to succeed when `check`."""
-    procs = start_ranks(argv, world_size, cwd, rank_argv)
+    procs = start_ranks(argv, world_size, cwd, rank_argv, env)
     results = []
     try:
         for rank, proc in enumerate(procs):

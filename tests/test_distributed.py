@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from largebatch.checkpoint import load_checkpoint
+from largebatch.dist.threads import choose_threads, usable_cores
 from multiproc import REPO, run_python, run_ranks, start_ranks
 
 EXTENSION_JOB = str(REPO / "tests" / "extension_job.py")
@@ -135,6 +136,30 @@ def test_distributed_eval_command_counts_each_sample_once(tmp_path):
     assert single.strip().splitlines()[-1] == multi.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("requested, current, local, cores, threads, says", [
+    (0, 2, 1, 2, 2, ""),  # one process keeps torch's default
+    (0, 2, 2, 2, 1, "capped from 2 to 1: 2 processes on this node share 2 cores"),
+    (0, 16, 3, 16, 5, "capped from 16 to 5"),
+    (0, 4, 8, 4, 1, "capped from 4 to 1"),  # more processes than cores: still one thread each
+    (3, 2, 2, 2, 3, "warning: run.threads = 3 with 2 processes on this node asks for 6 threads on 2 cores"),
+    (1, 2, 2, 2, 1, ""),
+])
+def test_threads_per_process_are_capped_to_the_cores_of_the_node(requested, current, local, cores, threads, says):
+    choice = choose_threads(requested, current, local, cores)
+    assert choice.threads == threads and (says in choice.note if says else choice.note == "")
+
+
+def test_two_processes_launched_without_a_thread_limit_are_capped(tmp_path):
+    """Ranks started without OMP_NUM_THREADS (torchrun sets it; a hand launch may not) on a node with fewer
+    cores than processes x torch's threads run one thread each, and rank 0 says so."""
+    cores = usable_cores()
+    env = {"OMP_NUM_THREADS": str(cores)}  # what torch would take by default, made explicit for the test
+    results = run_ranks([*train_argv(tmp_path, "capped", 24, 6, 3), "--schedule.epochs", "1"], 2, env=env)
+    assert f"torch threads per process capped from {cores} to {max(1, cores // 2)}" in results[0].stdout
+    plans = [r for r in map(json.loads, (tmp_path / "capped" / "metrics.jsonl").open()) if r["kind"] == "plan"]
+    assert plans[0]["threads"] == max(1, cores // 2)
+
+
 def test_a_killed_rank_is_named_by_the_survivor_in_one_line(tmp_path):
     """Rank 1 is SIGKILLed mid-run (a lost machine); rank 0 stops with one line naming the dead rank, its pid
     and cause, the step and the newest checkpoint, not with a gloo traceback."""
@@ -175,11 +200,20 @@ def test_resume_under_another_world_size_says_what_is_not_restored(tmp_path):
     assert "final test accuracy" in resumed.stdout
 
 
-def test_fp16_hook_sends_half_the_bytes_within_fp16_error(tmp_path):
-    run_ranks([str(REPO / "tests" / "comm_job.py"), str(tmp_path)], 2)
+def test_comm_hooks_on_two_simulated_nodes_of_two_processes(tmp_path):
+    """4 gloo ranks as 2 nodes x 2: every hook's averaged float64 gradient against the exact mean of the
+    ranks' own gradients; the hierarchical one sends half of its bytes across nodes, fp16 half of fp32."""
+    run_ranks([str(REPO / "tests" / "comm_job.py"), str(tmp_path), "2"], 4)
     result = json.loads((tmp_path / "comm.json").read_text())
-    assert result["fp16_bytes"] * 2 == result["fp32_bytes"]
-    assert 0 < result["fp16_error"] < 2 ** -10  # fp16 keeps 11 significant bits
+    numel = result["numel"]
+    assert numel % 2 == 1  # the shards of the hierarchical hook needed padding
+    assert result["none"]["error"] < 1e-14 and result["hierarchical"]["error"] < 1e-14
+    assert 0 < result["fp16"]["error"] < 2 ** -10 and 0 < result["hierarchical_fp16"]["error"] < 2 ** -10
+    assert result["fp16"]["bytes"] * 2 == numel * 4 == result["hierarchical_fp16"]["bytes"] * 2
+    assert result["hierarchical"]["bytes"] == numel * 8  # a float64 model keeps float64 on the wire
+    assert result["fp16"]["inter_node_bytes"] == result["fp16"]["bytes"]  # a flat all-reduce spans the nodes
+    for hook in ("hierarchical", "hierarchical_fp16"):  # one shard of each bucket per rank crosses nodes
+        assert 0.5 <= result[hook]["inter_node_bytes"] / result[hook]["bytes"] < 0.5 + 4 / numel
 
 
 def test_fp16_hook_through_the_config_trains_like_one_process(tmp_path):

@@ -665,13 +665,14 @@ def ddp_arguments(monkeypatch, overrides: dict) -> dict:
 
 @probe("dist.comm_hook")
 def dist_comm_hook_is_registered_on_ddp(monkeypatch):
-    hooks: list[str] = []
-    monkeypatch.setattr(ddp, "register_comm_hook", lambda model, name: hooks.append(name))
-    for name in ("none", "fp16"):
+    hooks: list[tuple[str, int]] = []
+    monkeypatch.setattr(ddp, "register_comm_hook", lambda model, name, local: hooks.append((name, local)))
+    for name in ("none", "fp16", "hierarchical_fp16"):
         ddp_arguments(monkeypatch, {"dist.comm_hook": name})
-    assert hooks == ["none", "fp16"]
-    with pytest.raises(largebatch.errors.ConfigError, match="'bf16' needs the nccl backend"):
-        largebatch.api.check_device(config({"dist.comm_hook": "bf16", "dist.backend": "gloo"}))
+    assert hooks == [("none", 1), ("fp16", 1), ("hierarchical_fp16", 1)]  # the node layout from the environment
+    for name in ("bf16", "hierarchical_bf16"):
+        with pytest.raises(largebatch.errors.ConfigError, match=f"'{name}' needs the nccl backend"):
+            largebatch.api.check_device(config({"dist.comm_hook": name, "dist.backend": "gloo"}))
 
 
 @probe("dist.check_every")

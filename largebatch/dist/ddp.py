@@ -38,5 +38,5 @@ def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
         broadcast_buffers=cfg.broadcast_buffers,
         init_sync=False,
     )
-    ddp_model.comm_stats = register_comm_hook(ddp_model, cfg.comm_hook)
+    ddp_model.comm_stats = register_comm_hook(ddp_model, cfg.comm_hook, env.local_world_size)
     return ddp_model
