@@ -2,16 +2,19 @@
 127.0.0.1 joined through torchrun's c10d rendezvous, and a rank killed mid-epoch that torchrun restarts."""
 
 import json
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from largebatch.checkpoint import load_checkpoint
-from multiproc import REPO, base_env, free_port
+from multiproc import REPO, base_env, free_port, run_python, run_ranks
+from test_distributed import parameters, train_argv
 
 QUICK = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
          "--data.synthetic_test", "64", "--data.global_batch", "64", "--data.bn_batch", "16",
@@ -60,6 +63,36 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
     assert plan_record(tmp_path / "nodes")["world_size"] == 2
 
 
+def test_two_slurm_nodes_on_loopback_with_the_hierarchical_hook_match_one_node_and_one_process(tmp_path):
+    """examples/slurm/node.sh, the line train.sbatch runs on each node, started twice as Slurm would on
+    2 nodes x 2 processes on 127.0.0.1 (c10d rendezvous), trains with the hierarchical all-reduce; its
+    float64 parameters equal a single-node 4-process run with the flat all-reduce (BN statistics too) and
+    a 1-process run with the whole global batch."""
+    args = [*train_argv(tmp_path, "nodes", 24, 6, 3)[3:], "--dist.comm_hook", "hierarchical"]
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_ID": f"test-{free_port()}", "HEAD_NODE": "127.0.0.1",
+             "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()), "MAX_RESTARTS": "0",
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    nodes = [subprocess.Popen(["bash", str(REPO / "examples" / "slurm" / "node.sh"), *args], env=base_env() | slurm,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(outputs)
+    assert plan_record(tmp_path / "nodes")["world_size"] == 4
+    with open(tmp_path / "nodes" / "metrics.jsonl") as f:
+        train = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    assert train and all(r["inter_node_bytes_per_step"] * 2 == r["comm_bytes_per_step"] > 0 for r in train), train
+    run_ranks(train_argv(tmp_path, "flat", 24, 6, 3), 4)
+    run_python(train_argv(tmp_path, "single", 24, 6, 3))
+    nodes, flat = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("nodes", "flat"))
+    assert all(torch.allclose(nodes[k], flat[k], rtol=1e-12, atol=1e-14) for k in flat)
+    single = parameters(tmp_path / "single")  # BN running statistics are rank 0's under DDP: parameters only
+    assert all(torch.allclose(nodes[k], single[k], rtol=1e-10, atol=1e-12) for k in single)
+
+
 FAULT_JOB = str(REPO / "tests" / "fault_job.py")
 FAULT_RUN = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
              "--data.synthetic_test", "64", "--data.global_batch", "32", "--data.bn_batch", "8",
@@ -96,4 +129,5 @@ def test_a_killed_rank_restarts_and_resumes_to_the_same_result(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 17)), kill_step
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     restart = [r for r in records if r["kind"] == "restart"]
-    assert len(restart) == 1 and restart[0]["cause"].startswith("rank 1 ") and said.group(2) == restart[0]["resumed_from"]
+    assert len(restart) == 1 and restart[0]["cause"].startswith("rank 1 ")
+    assert restart[0]["resumed_from"] == said.group(2)
