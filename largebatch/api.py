@@ -86,6 +86,10 @@ def check_device(cfg: Config) -> None:
     if cfg.dist.comm_hook.endswith("bf16") and (cfg.dist.backend == "gloo" or not cuda):
         raise ConfigError(f"dist.comm_hook = {cfg.dist.comm_hook!r} needs the nccl backend (gloo cannot all-reduce "
                           f"bfloat16); use {cfg.dist.comm_hook.replace('bf16', 'fp16')!r}")
+    if (cfg.optim.preconditioner == "kfac" and cfg.kfac.factor_dtype == "bf16" and launched_world_size() > 1
+            and (cfg.dist.backend == "gloo" or not cuda)):
+        raise ConfigError("kfac.factor_dtype = 'bf16' with several processes needs the nccl backend (gloo cannot "
+                          "all-reduce bfloat16); use 'fp16' or 'auto'")
     if cfg.dist.backend == "nccl" and not cuda:
         raise ConfigError(f"dist.backend = 'nccl' needs a GPU, and dist.device = {cfg.dist.device!r} runs on the "
                           "CPU here; use 'gloo' or 'auto'")

@@ -22,6 +22,7 @@ from largebatch.dist.threads import choose_threads, usable_cores
 from largebatch.extensions import Extension, StepContext
 from largebatch.extensions.consistency import RankConsistencyCheck
 from largebatch.extensions.grad_clip import GradClip
+from largebatch.extensions.kfac import KFAC, kfac_options
 from largebatch.extensions.trust_ratios import TrustRatioLog
 from largebatch.metrics import RunLogger
 from largebatch.models import build_model
@@ -84,8 +85,11 @@ def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor
 
 
 def builtin_extensions(cfg: Config) -> list[Extension]:
-    """The extensions the config asks for: gradient clipping, trust-ratio logging, the rank-consistency check."""
+    """The extensions the config asks for: K-FAC, gradient clipping, trust-ratio logging, the rank-consistency
+    check."""
     extensions: list[Extension] = []
+    if cfg.optim.preconditioner == "kfac":  # first: clipping and logging see the preconditioned gradient
+        extensions.append(KFAC(kfac_options(cfg.kfac)))
     if cfg.optim.clip_grad_norm > 0:
         extensions.append(GradClip(cfg.optim.clip_grad_norm))
     if cfg.run.trust_log_every > 0:
@@ -117,7 +121,9 @@ def build_run(cfg: Config, env: DistEnv, run_dir: Path | None, extensions: Seque
         autocast=autocast_factory(cfg.run.precision, env.device),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
         place=input_placement(cfg, env.device), logger=RunLogger(run_dir), extensions=all_extensions)
-    context = StepContext(model, optimizer, plan, state.collectives, state.logger.log)
+    scaler = state.scaler
+    context = StepContext(model, optimizer, plan, state.collectives, state.logger.log,
+                          lambda: scaler.get_scale() if scaler.is_enabled() else 1.0)
     for extension in all_extensions:
         extension.attach(context)
     # Same seed everywhere built the same model; from here on each rank draws its own augmentations.

@@ -31,6 +31,9 @@ OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_MODES = ("gradual", "constant", "none")
 DECAYS = ("step", "cosine", "poly", "none")
+PRECONDITIONERS = ("none", "kfac")
+KFAC_INVERSES = ("eigen", "cholesky")
+KFAC_DAMPING_MODES = ("pi", "exact")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class OptimCommon:
     exclude_bn_bias: bool = plain(False, "no weight decay and no trust ratio for BN and bias parameters")
     label_smoothing: float = number(0.0, 0.0, 1.0, help="label smoothing of the cross-entropy")
     clip_grad_norm: float = number(0.0, 0.0, help="clip the averaged gradient to this global L2 norm; 0: off")
+    preconditioner: str = choice("none", PRECONDITIONERS, "kfac: K-FAC natural-gradient preconditioning (table kfac) "
+                                 "before the optimizer's step")
 
 
 # One sub-table per registered optimizer, holding that optimizer's own options with their defaults.
@@ -85,6 +90,29 @@ OptimConfig = dataclasses.make_dataclass(
     bases=(OptimCommon,), frozen=True)
 OptimConfig.__module__ = __name__
 OptimConfig.__doc__ = OptimCommon.__doc__ + " Each optimizer's options are the sub-table of its name."
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """K-FAC (Osawa et al. 2019), used when optim.preconditioner = 'kfac': damping, the schedule of
+    stale statistics (intervals that change at every_milestones) and the precision of the factors."""
+
+    damping: float = number(1e-3, 0.0, lo_open=True, help="Tikhonov damping lambda")
+    damping_mode: str = choice("pi", KFAC_DAMPING_MODES, "pi: lambda split between A and G by pi; exact: "
+                               "(A (x) G + lambda I)^-1, eigen only")
+    decay: float = number(0.95, 0.0, 1.0, hi_open=True, help="running-average decay of the factors")
+    factor_every: tuple[int, ...] = plain((1,), "steps between factor updates: one entry, or one more than "
+                                          "every_milestones")
+    inverse_every: tuple[int, ...] = plain((1,), "steps between inverse updates, as factor_every")
+    every_milestones: tuple[int, ...] = plain((), "steps at which factor_every and inverse_every take their next "
+                                              "entry")
+    kl_clip: float = number(1e-3, 0.0, help="scale an update down to lr^2 * <update, grad> <= kl_clip; 0: off")
+    factor_dtype: str = choice("auto", ("auto", "bf16", "fp16"), "factors computed and all-reduced in; auto: the "
+                               "parameters' dtype")
+    inverse: str = choice("eigen", KFAC_INVERSES, "eigendecomposition or Cholesky of the factors")
+    inverse_dtype: str = choice("fp32", ("fp32", "fp64"), "precision of the decompositions (at least the "
+                                "parameters')")
+    batchnorm: bool = plain(True, "precondition BN with its unit-wise 2x2 Fisher; false: BN left to the optimizer")
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,7 @@ class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
+    kfac: KFACConfig = KFACConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     dist: DistConfig = DistConfig()
     run: RunConfig = RunConfig()
@@ -384,6 +413,7 @@ def validate_relations(cfg: Config) -> None:
     betas = cfg.optim.lamb.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"optim.lamb.betas = {list(betas)}: must be two numbers in [0, 1)")
+    _validate_kfac(cfg.kfac)
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")
@@ -394,6 +424,18 @@ def validate_relations(cfg: Config) -> None:
         raise ConfigError("run.precision = 'fp16' needs a GPU (fp16 with GradScaler); on CPU use 'bf16' or 'fp32'")
     if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
         raise ConfigError("dist.backend = 'nccl' needs dist.device = 'cuda' (or 'auto' on a GPU machine)")
+
+
+def _validate_kfac(k: KFACConfig) -> None:
+    for name in ("factor_every", "inverse_every"):
+        every = getattr(k, name)
+        if len(every) != len(k.every_milestones) + 1 or min(every, default=0) < 1:
+            raise ConfigError(f"kfac.{name} = {list(every)}: must be {len(k.every_milestones) + 1} step count(s) >= 1, "
+                              f"one more than kfac.every_milestones = {list(k.every_milestones)}")
+    if list(k.every_milestones) != sorted(set(k.every_milestones)) or min(k.every_milestones, default=1) < 1:
+        raise ConfigError(f"kfac.every_milestones = {list(k.every_milestones)}: must be strictly increasing steps >= 1")
+    if k.inverse == "cholesky" and k.damping_mode != "pi":
+        raise ConfigError("kfac.inverse = 'cholesky' inverts A and G separately: it needs kfac.damping_mode = 'pi'")
 
 
 def _divisors_near(total: int, target: int) -> str:

@@ -96,13 +96,30 @@ def test_choice_lists_match_the_components():
     assert set(MODEL_NAMES) == set(models.MODELS)
     assert set(OPTIMIZER_NAMES) == set(optim.OPTIMIZERS)
     assert set(LARS_MODES) == set(optim.LARS_MODES)
-    from largebatch.config import DistConfig
+    from largebatch.config import KFAC_DAMPING_MODES, KFAC_INVERSES, DistConfig
+    from largebatch.optim import kfac
+
+    assert (set(KFAC_INVERSES), set(KFAC_DAMPING_MODES)) == (set(kfac.INVERSE_METHODS), set(kfac.DAMPING_MODES))
     from largebatch.dist.comm_hooks import COMM_HOOKS
 
     assert set(next(f for f in dataclasses.fields(DistConfig) if f.name == "comm_hook").metadata["choices"]) == set(
         COMM_HOOKS)
     assert (set(SCALING_RULES), set(WARMUP_MODES), set(DECAYS)) == (
         set(schedule.SCALING_RULES), set(schedule.WARMUP_MODES), set(schedule.DECAYS))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"kfac.factor_every": [1, 10]}, r"kfac.factor_every = \[1, 10\]: must be 1 step count\(s\) >= 1, one more than "
+                                     r"kfac.every_milestones = \[\]"),
+    ({"kfac.inverse_every": [0]}, r"kfac.inverse_every = \[0\]: must be 1 step count"),
+    ({"kfac.every_milestones": [500, 100], "kfac.factor_every": [1, 2, 3], "kfac.inverse_every": [1, 2, 3]},
+     r"kfac.every_milestones = \[500, 100\]: must be strictly increasing"),
+    ({"kfac.inverse": "cholesky", "kfac.damping_mode": "exact"}, r"needs kfac.damping_mode = 'pi'"),
+    ({"kfac.damping": 0}, r"kfac.damping = 0.0: must be > 0"),
+])
+def test_kfac_schedule_and_solver_combinations_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("fmnist_goyal", overrides)
 
 
 def test_goyal_plan_256_workers():

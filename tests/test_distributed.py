@@ -235,3 +235,31 @@ def test_a_rank_that_diverges_is_caught_within_check_every_steps(tmp_path):
     assert all(r.returncode != 0 for r in results)
     assert ("after step 4 the ranks no longer hold the same parameters: rank(s) [1] differ from rank 0, first in "
             "'features.0.weight'") in results[0].stdout
+
+
+KFAC = ["--optim.preconditioner", "kfac", "--kfac.inverse_dtype", "fp64", "--kfac.factor_every", "1",
+        "--kfac.inverse_every", "2", "--kfac.damping", "0.01"]
+
+
+@pytest.mark.parametrize("inverse", ["cholesky", "eigen"])
+def test_kfac_on_two_and_three_processes_equals_one_process(tmp_path, inverse):
+    """Factors averaged over the ranks as triangles, each inverse made by its owner and broadcast: the
+    factors, the inverses (Cholesky's are unique; eigenvectors are not, so eigen compares the run) and
+    the float64 parameters equal one process with the whole global batch in 6 micro-batches."""
+    argv = [*KFAC, "--kfac.inverse", inverse]
+    run_python([*train_argv(tmp_path, "one", 24, 4, 4), *argv])
+    worlds = (2, 3) if inverse == "cholesky" else (3,)
+    for world in worlds:
+        run_ranks([*train_argv(tmp_path, f"w{world}", 24, 4, 4), *argv], world)
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    for world in worlds:
+        many = load_checkpoint(tmp_path / f"w{world}" / "checkpoint.pt")
+        for name, tensor in parameters(tmp_path / "one").items():
+            assert torch.allclose(tensor, many["model"][name], rtol=1e-9, atol=1e-12), (world, name)
+        for name, factors in one["kfac"]["factors"].items():
+            for x, y in zip(factors, many["kfac"]["factors"][name]):
+                assert torch.allclose(x, y, rtol=1e-9, atol=1e-14), (world, name)
+        for name, inverse_state in one["kfac"]["inverses"].items():
+            if inverse == "cholesky":
+                for x, y in zip(inverse_state["tensors"], many["kfac"]["inverses"][name]["tensors"]):
+                    assert torch.allclose(x, y, rtol=1e-8, atol=1e-10), (world, name)

@@ -66,6 +66,24 @@ def test_resume_is_bit_exact(tmp_path):
     assert a["progress"]["step"] == b["progress"]["step"] == 12
 
 
+def test_a_kfac_run_resumed_mid_schedule_is_bit_exact(tmp_path):
+    """Stopped after an epoch (4 steps) between two inverse updates (every 3 steps): the factors, inverses
+    and counters come back from the checkpoint, and the run ends bitwise equal to an uninterrupted one."""
+    kfac = ["--optim.preconditioner", "kfac", "--kfac.factor_every", "2", "--kfac.inverse_every", "3"]
+    run(tmp_path, "straight", *kfac)
+    run(tmp_path, "split", *kfac, "--run.stop_after_epochs", "1")
+    saved = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["kfac"]
+    assert saved["factors"] and saved["inverses"]
+    run(tmp_path, "split", "--run.stop_after_epochs", "0", resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["progress"]["step"] == b["progress"]["step"] == 12
+    for name, factors in a["kfac"]["factors"].items():
+        assert all(torch.equal(x, y) for x, y in zip(factors, b["kfac"]["factors"][name])), name
+
+
 def test_nonfinite_loss_stops_with_the_step_number(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
         run(tmp_path, "nan", "--optim.base_lr", "1e30", "--schedule.warmup_epochs", "0")

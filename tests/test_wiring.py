@@ -838,6 +838,155 @@ def run_progress_shows_the_bar(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------
+# K-FAC: each field's effect on the preconditioner, seen over a few real training steps.
+
+
+@dataclass
+class KFACSteps:
+    state: RunState
+    factors: list[dict[str, list[torch.Tensor]]]  # after each step
+    inverses: list[dict[str, list[torch.Tensor]]]
+
+    @property
+    def preconditioner(self):
+        return next(e for e in self.state.extensions if e.name == "kfac").preconditioner
+
+    def changed(self, which: str) -> list[bool]:
+        """Per step after the first: whether the factors (or inverses) differ from the step before."""
+        seen = getattr(self, which)
+        return [any(not torch.equal(x, y) for k in seen[i] for x, y in zip(seen[i][k], seen[i - 1][k]))
+                for i in range(1, len(seen))]
+
+
+def kfac_steps(overrides: dict | None = None, steps: int = 1) -> KFACSteps:
+    state = built({"optim.preconditioner": "kfac"} | (overrides or {}))
+    pre = next(e for e in state.extensions if e.name == "kfac").preconditioner
+    micro_batches = (state.splits.train.__getitems__(indices) for _ in range(steps) for indices in state.sampler)
+    take = TrainStep(state)
+    record = KFACSteps(state, [], [])
+    for step in range(steps):
+        take(micro_batches, step)
+        record.factors.append({k: [t.clone() for t in v] for k, v in pre.factors.items()})
+        record.inverses.append({k: [t.clone() for t in v.tensors()] for k, v in pre.inverses.items()})
+    return record
+
+
+def parameters_after(run: KFACSteps) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in run.state.model.named_parameters()}
+
+
+def differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@probe("optim.preconditioner")
+def optim_preconditioner_kfac_changes_the_update():
+    plain_run = built({"optim.preconditioner": "none"})
+    assert not any(e.name == "kfac" for e in plain_run.extensions)
+    take_train_step(plain_run)
+    kfac = kfac_steps()
+    assert differ(parameters_of(plain_run), parameters_after(kfac))
+    assert {layer.name for layer in kfac.preconditioner.layers} == {n for n, m in kfac.state.model.named_modules()
+                                                                   if isinstance(m, (nn.Conv2d, nn.Linear,
+                                                                                     nn.BatchNorm2d))}
+
+
+@probe("kfac.damping")
+def kfac_damping_reaches_the_inverses():
+    runs = {d: kfac_steps({"kfac.damping": d}) for d in (1e-3, 1e-1)}
+    assert all(i.damping == pytest.approx(1e-1) for i in runs[1e-1].preconditioner.inverses.values())
+    assert differ(parameters_after(runs[1e-3]), parameters_after(runs[1e-1]))
+
+
+@probe("kfac.damping_mode")
+def kfac_damping_mode_changes_the_solve():
+    pi, exact = (kfac_steps({"kfac.damping_mode": m, "kfac.damping": 1e-2}) for m in ("pi", "exact"))
+    assert differ(parameters_after(pi), parameters_after(exact))
+
+
+@probe("kfac.decay")
+def kfac_decay_weights_the_running_average():
+    runs = {d: kfac_steps({"kfac.decay": d}, steps=2) for d in (0.0, 0.5)}
+    first = runs[0.0].factors[0]
+    assert all(torch.equal(x, y) for k in first for x, y in zip(first[k], runs[0.5].factors[0][k]))
+    newest = runs[0.0].factors[1]  # decay 0: the second step's own factors
+    for name, (x, *_rest) in runs[0.5].factors[1].items():
+        assert_close(x, 0.5 * first[name][0] + 0.5 * newest[name][0])
+
+
+@probe("kfac.factor_every")
+def kfac_factor_every_spaces_the_factor_updates():
+    assert kfac_steps({"kfac.factor_every": [1]}, steps=3).changed("factors") == [True, True]
+    assert kfac_steps({"kfac.factor_every": [2]}, steps=3).changed("factors") == [False, True]
+
+
+@probe("kfac.inverse_every")
+def kfac_inverse_every_spaces_the_inverse_updates():
+    assert kfac_steps({"kfac.inverse_every": [1]}, steps=3).changed("inverses") == [True, True]
+    assert kfac_steps({"kfac.inverse_every": [3]}, steps=3).changed("inverses") == [False, False]
+
+
+@probe("kfac.every_milestones")
+def kfac_every_milestones_switch_the_intervals():
+    overrides = {"kfac.factor_every": [2, 1], "kfac.inverse_every": [1, 1]}
+    assert kfac_steps(overrides | {"kfac.every_milestones": [2]}, steps=4).changed("factors") == [False, True, True]
+    assert kfac_steps(overrides | {"kfac.every_milestones": [3]}, steps=4).changed("factors") == [False, True, True]
+    assert kfac_steps({"kfac.factor_every": [2]}, steps=4).changed("factors") == [False, True, False]
+
+
+@probe("kfac.kl_clip")
+def kfac_kl_clip_scales_the_update_down():
+    assert kfac_steps({"kfac.kl_clip": 0.0}).preconditioner.last_nu == 1.0
+    assert kfac_steps({"kfac.kl_clip": 1e-9}).preconditioner.last_nu < 0.1
+
+
+@probe("kfac.factor_dtype")
+def kfac_factor_dtype_computes_the_factors_in_half_precision(monkeypatch):
+    from largebatch.optim.kfac.layers import KroneckerLayer
+
+    seen: set[torch.dtype] = set()
+    original = KroneckerLayer.add_input
+    monkeypatch.setattr(KroneckerLayer, "add_input", lambda self, x, dtype: seen.add(dtype) or original(self, x, dtype))
+    auto = kfac_steps({"kfac.factor_dtype": "auto"})
+    assert seen == {torch.float32}
+    half = kfac_steps({"kfac.factor_dtype": "bf16"})
+    assert seen == {torch.float32, torch.bfloat16}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(largebatch.errors.ConfigError, match="kfac.factor_dtype = 'bf16' with several processes"):
+        largebatch.api.check_device(config({"optim.preconditioner": "kfac", "kfac.factor_dtype": "bf16",
+                                            "dist.backend": "gloo"}))
+    a, b = auto.factors[0], half.factors[0]
+    assert any(not torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    assert all(torch.allclose(x, y, rtol=0.05, atol=1e-3 * x.abs().max().item()) for k in a for x, y in zip(a[k], b[k]))
+
+
+@probe("kfac.inverse")
+def kfac_inverse_method_is_used():
+    eigen, cholesky = (kfac_steps({"kfac.inverse": m, "kfac.inverse_dtype": "fp64"}) for m in ("eigen", "cholesky"))
+    assert {i.method for i in cholesky.preconditioner.inverses.values()} == {"cholesky"}
+    assert {i.method for i in eigen.preconditioner.inverses.values()} == {"eigen"}
+    a, b = parameters_after(eigen), parameters_after(cholesky)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)  # the same solve, another way
+
+
+@probe("kfac.inverse_dtype")
+def kfac_inverse_dtype_sets_the_decompositions_precision():
+    for name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+        inverses = kfac_steps({"kfac.inverse_dtype": name}).preconditioner.inverses.values()
+        assert {t.dtype for i in inverses for t in i.tensors()} == {dtype}
+
+
+@probe("kfac.batchnorm")
+def kfac_batchnorm_preconditions_bn_or_leaves_it(capsys):
+    with_bn = kfac_steps({"kfac.batchnorm": True}).preconditioner
+    without = kfac_steps({"kfac.batchnorm": False}).preconditioner
+    bn_names = {n for n, m in without.layers[0].module.named_modules()} and {
+        layer.name for layer in with_bn.layers if isinstance(layer.module, nn.BatchNorm2d)}
+    assert bn_names and set(without.left_out) == bn_names
+    assert "K-FAC leaves 3 layer(s) to the plain optimizer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
 # The tests (after every probe is registered).
 
 
@@ -849,3 +998,4 @@ def test_every_config_field_has_a_wiring_probe():
 def test_config_field_reaches_its_component(field, request):
     check = PROBES[field]
     check(**{name: request.getfixturevalue(name) for name in inspect.signature(check).parameters})
+

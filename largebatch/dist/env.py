@@ -129,3 +129,9 @@ class Collectives:
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, indexed by rank."""
         return all_gather_objects(obj, self.env)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank `src`'s `tensor`, copied in place into every rank's, returned."""
+        if self.env.distributed:
+            dist.broadcast(tensor, src)
+        return tensor

@@ -39,13 +39,15 @@ from largebatch.plan import RunPlan
 @dataclass(frozen=True)
 class StepContext:
     """What an extension may use: the model without its DDP wrapper, the optimizer, the plan of the
-    run, collectives over the job's ranks, and `log(kind, step, **values)` (rank 0 writes)."""
+    run, collectives over the job's ranks, `log(kind, step, **values)` (rank 0 writes) and the loss
+    scale the gradients carry until the step unscales them."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     plan: RunPlan
     collectives: Collectives
     log: Callable[..., None]
+    loss_scale: Callable[[], float] = lambda: 1.0  # the fp16 GradScaler's current scale (1 without one)
 
 
 class Extension:
