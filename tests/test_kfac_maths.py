@@ -535,7 +535,18 @@ def test_factor_and_inverse_due():
     # before step 4: factors every step, inverses every 2nd; from step 4 on, every 5th and every 10th step
     assert [s for s in steps if pre.factor_due(s)] == [0, 1, 2, 3, 4, 9, 14, 19, 24]  # counted from the milestone
     assert [s for s in steps if pre.inverse_due(s)] == [0, 2, 4, 14, 24]
+    kfac_step(pre, model, *make_data("mlp"), step=0)  # factors exist from here on
     pre.begin_step(5, grad_scale=N)
     assert not pre.capturing
     pre.begin_step(9, grad_scale=N)
     assert pre.capturing
+
+
+def test_a_run_whose_first_step_was_skipped_captures_on_its_next_step():
+    """A non-finite loss skips step 0 before on_gradients; with factors due only every 10th step, step 1
+    still captures, since there are no factors to precondition with yet."""
+    pre = make_pre(make_model("mlp"), factor_every=(10,), inverse_every=(10,))
+    pre.begin_step(0, grad_scale=N)
+    assert pre.capturing  # and then the step is skipped: nothing is taken
+    pre.begin_step(1, grad_scale=N)
+    assert pre.capturing and not pre.factors

@@ -106,10 +106,11 @@ class KFACPreconditioner:
         return due(step, self.options.inverse_every, self.options.every_milestones)
 
     def begin_step(self, step: int, grad_scale: float) -> None:
-        """Capture this step's statistics if its factors are due; drop what a skipped step left."""
+        """Capture this step's statistics if its factors are due (or there are none yet); drop what a
+        skipped step left."""
         for layer in self.layers:
             layer.take_factors()
-        self.capturing = self.factor_due(step)
+        self.capturing = self.factor_due(step) or not self.factors  # also when step 0 was skipped
         self.grad_scale = grad_scale
 
     def update_factors(self) -> None:
