@@ -1,0 +1,79 @@
+"""K-FAC's accuracy on Fashion-MNIST against first-order training, per epoch.
+
+`--part a` (default): at the default batch 1024, SGD as fmnist_goyal (9 epochs) against K-FAC + SGD
+as fmnist_kfac; reports the first epoch at which K-FAC reaches SGD's final accuracy (the target is
+at most half of SGD's epochs).
+`--part b`: at global batch 4096 and 16,384, K-FAC + SGD against SGD with linear scaling and warmup
+and against LARS (fmnist_lars16k), the same epochs for all, for each seed.
+
+    python benchmarks/kfac_accuracy.py [--part a|b] [--seeds 0 1] [--epochs 20]
+
+Prints a table and writes benchmarks/results/kfac_accuracy_<part>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import largebatch
+from largebatch.metrics import read_metrics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def accuracies(recipe: str, overrides: dict) -> list[float]:
+    """Test accuracy after each epoch of a run of `recipe` with `overrides`."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = largebatch.load_config(recipe, overrides | {"run.out_dir": out, "run.name": "run",
+                                                          "run.checkpoint": False, "run.progress": False})
+        result = largebatch.run(cfg)
+        return [r["test_accuracy"] for r in read_metrics(result.run_dir) if r["kind"] == "epoch"]
+
+
+def part_a(seeds: list[int]) -> dict:
+    rows = []
+    for seed in seeds:
+        sgd = accuracies("fmnist_goyal", {"run.seed": seed})
+        kfac = accuracies("fmnist_kfac", {"run.seed": seed})
+        reached = next((epoch for epoch, acc in enumerate(kfac, 1) if acc >= sgd[-1]), None)
+        rows.append({"seed": seed, "sgd": sgd, "kfac": kfac, "sgd_final": sgd[-1], "kfac_epoch_reaching_sgd": reached})
+        print(f"seed {seed}: SGD {len(sgd)} epochs -> {100 * sgd[-1]:.2f}%; K-FAC per epoch "
+              f"{[round(100 * a, 2) for a in kfac]}; reaches SGD's final accuracy in epoch {reached} "
+              f"(target <= {len(sgd) / 2:g})")
+    return {"part": "a", "rows": rows}
+
+
+def part_b(seeds: list[int], epochs: float, batches: list[int]) -> dict:
+    rows = []
+    methods = {
+        "sgd": ("fmnist_goyal", {}),
+        "kfac": ("fmnist_kfac", {}),
+        "lars": ("fmnist_lars16k", {}),
+    }
+    for batch in batches:
+        for seed in seeds:
+            for name, (recipe, extra) in methods.items():
+                overrides = {"data.global_batch": batch, "schedule.epochs": epochs, "run.seed": seed} | extra
+                accs = accuracies(recipe, overrides)
+                rows.append({"batch": batch, "seed": seed, "method": name, "accuracies": accs, "final": accs[-1]})
+                print(f"batch {batch:>6}  seed {seed}  {name:<5} {epochs:g} epochs: {100 * accs[-1]:.2f}%")
+    return {"part": "b", "epochs": epochs, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("a", "b"), default="a")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=float, default=20, help="part b: epochs of every run")
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384], help="part b: global batches")
+    args = parser.parse_args()
+    result = part_a(args.seeds) if args.part == "a" else part_b(args.seeds, args.epochs, args.batches)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"kfac_accuracy_{args.part}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
