@@ -17,6 +17,7 @@ from typing import Any
 from largebatch import recipes
 from largebatch.api import (check_data_path, is_main_process, launched_world_size, load_config, load_for_auto_resume,
                             run)
+from largebatch.bench.comm import add_bench_command
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
 from largebatch.errors import RankLostError, RanksDivergedError, RunInterrupted, UserError
 from largebatch.plan import peak_lr
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", "evaluate a run's checkpoint on its test set", cmd_eval)
     evaluate.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints)")
     evaluate.add_argument("--checkpoint", help="a checkpoint other than the run's newest")
+    add_bench_command(commands)
     config = command("config", "print the resolved config (TOML) with the derived batch plan and peak lr", cmd_config)
     config.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
     config.add_argument("--resume", metavar="RUN_DIR", help="start from the config of the run in RUN_DIR")

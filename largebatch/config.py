@@ -137,6 +137,9 @@ class DistConfig:
     device: str = choice("auto", ("auto", "cpu", "cuda"), "auto: cuda when visible")
     backend: str = choice("auto", ("auto", "gloo", "nccl"), "auto: nccl on cuda, gloo on cpu")
     bucket_cap_mb: float = number(25.0, 0.0, lo_open=True, help="DDP gradient bucket size")
+    first_bucket_cap_mb: float = number(1.0, 0.0, lo_open=True, help="DDP's first gradient bucket, the gradients "
+                                        "ready first (small: their all-reduce starts early; torch's default); capped "
+                                        "by bucket_cap_mb")
     broadcast_buffers: bool = plain(True, "DDP: broadcast rank 0's BN buffers every forward")
     comm_hook: str = choice("none", ("none", "fp16", "bf16", "hierarchical", "hierarchical_fp16", "hierarchical_bf16"),
                             "gradient all-reduce: flat in fp32 (none), fp16 or bf16; hierarchical (reduce-scatter in "

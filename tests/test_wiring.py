@@ -684,10 +684,52 @@ def dist_check_every_adds_the_consistency_check():
     assert [c.every for c in checks] == [3]
 
 
+def record_bucket(seen, bucket):  # unannotated: DDP checks a hook's annotations as objects
+    """A comm hook that notes each gradient bucket's bytes, then all-reduces it as DDP would."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    seen.append(bucket.buffer().numel() * bucket.buffer().element_size())
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+def ddp_buckets(overrides: dict) -> tuple[list[int], nn.Module]:
+    """The bytes of each gradient bucket, in all-reduce order, that the DDP made by `build_run` sends on
+    its third step (DDP rebuilds its buckets in gradient-ready order after the first), in a gloo
+    process group of this process alone; and the model."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                      backend="gloo")
+        state = build_run(config(overrides), env, run_dir=None)
+        seen: list[int] = []
+        state.ddp_model.register_comm_hook(seen, record_bucket)
+        x, y = state.place(*state.splits.train.__getitems__(list(range(32))))
+        for _ in range(3):
+            seen.clear()
+            state.criterion(state.ddp_model(x), y).backward()
+        return seen, state.model
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @probe("dist.bucket_cap_mb")
-def dist_bucket_cap_mb_reaches_ddp(monkeypatch):
-    for megabytes in (25.0, 5.0):
-        assert ddp_arguments(monkeypatch, {"dist.bucket_cap_mb": megabytes})["bucket_cap_mb"] == megabytes
+def dist_bucket_cap_mb_sizes_ddps_buckets():
+    """small_cnn's 0.22 MiB of gradients: one bucket under 25 MiB, two under 0.05 MiB (the first bucket
+    held to bucket_cap_mb too, though first_bucket_cap_mb is 1 MiB)."""
+    (whole,), model = ddp_buckets({"dist.bucket_cap_mb": 25.0})
+    assert whole == sum(p.numel() * p.element_size() for p in model.parameters())
+    buckets, _ = ddp_buckets({"dist.bucket_cap_mb": 0.05})
+    assert len(buckets) == 2 and sum(buckets) == whole
+
+
+@probe("dist.first_bucket_cap_mb")
+def dist_first_bucket_cap_mb_sizes_ddps_first_bucket():
+    """The first bucket holds the gradients ready first: the classifier's, alone under a 0.01 MiB cap;
+    the later buckets keep bucket_cap_mb."""
+    small, model = ddp_buckets({"dist.bucket_cap_mb": 0.05, "dist.first_bucket_cap_mb": 0.01})
+    large, _ = ddp_buckets({"dist.bucket_cap_mb": 0.05, "dist.first_bucket_cap_mb": 0.05})
+    assert small[0] == sum(p.numel() * p.element_size() for p in model.fc.parameters()) < large[0]
+    assert len(small) == len(large) + 1 and sum(small) == sum(large) and small[-1] == large[-1]
 
 
 @probe("dist.broadcast_buffers")

@@ -25,6 +25,21 @@ def check_same_init(model: nn.Module, env: DistEnv) -> None:
                            "initialise the model from the same seed")
 
 
+def bucket_caps_mb(cfg: DistConfig) -> list[float]:
+    """DDP's per-bucket caps in MiB: the first bucket (the gradients ready first, whose all-reduce
+    can then start early) at most `dist.first_bucket_cap_mb`, every later one `dist.bucket_cap_mb`.
+
+    DDP's documented `bucket_cap_mb` caps all buckets alike: torch's own 1 MiB first bucket
+    (`torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`) applies only while `bucket_cap_mb` is None, with
+    the 25 MiB default cap. Its constructor keyword `bucket_cap_mb_list` (torch 2.11 to 2.14, not in
+    its docstring) caps bucket i by entry i and every later bucket by the last entry, both when DDP
+    first buckets the parameters and when it rebuilds the buckets in gradient-ready order after the
+    first step; its largest entry is the bucket cap. The first cap is also held to `bucket_cap_mb`,
+    as DDP holds its own first bucket to an explicit `bucket_cap_mb`.
+    """
+    return [min(cfg.first_bucket_cap_mb, cfg.bucket_cap_mb), cfg.bucket_cap_mb]
+
+
 def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
     """DDP around `model` when there is more than one process, with the configured communication hook
     (its byte counts as `comm_stats`); the model itself otherwise."""
@@ -34,7 +49,7 @@ def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
     ddp_model = DistributedDataParallel(
         model,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        bucket_cap_mb=cfg.bucket_cap_mb,
+        bucket_cap_mb_list=bucket_caps_mb(cfg),
         broadcast_buffers=cfg.broadcast_buffers,
         init_sync=False,
     )

@@ -1,0 +1,1 @@
+"""Measurements run from the command line (`largebatch bench ...`), one module per sub-command."""
