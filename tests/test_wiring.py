@@ -735,7 +735,8 @@ def dist_first_bucket_cap_mb_sizes_ddps_first_bucket():
 @probe("dist.broadcast_buffers")
 def dist_broadcast_buffers_reaches_ddp(monkeypatch):
     for broadcast in (True, False):
-        assert ddp_arguments(monkeypatch, {"dist.broadcast_buffers": broadcast})["broadcast_buffers"] is broadcast
+        received = ddp_arguments(monkeypatch, {"dist.broadcast_buffers": broadcast})
+        assert received.get("forward_sync_buffers", received.get("broadcast_buffers")) is broadcast
 
 
 # ---------------------------------------------------------------------------------------------------

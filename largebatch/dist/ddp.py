@@ -6,6 +6,8 @@ is replaced by a cheap check that all ranks really hold the same weights.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -40,6 +42,14 @@ def bucket_caps_mb(cfg: DistConfig) -> list[float]:
     return [min(cfg.first_bucket_cap_mb, cfg.bucket_cap_mb), cfg.bucket_cap_mb]
 
 
+def buffer_sync(every_forward: bool) -> dict[str, bool]:
+    """DDP's keyword for sending rank 0's buffers (BN statistics) at every forward: torch 2.14 renamed
+    `broadcast_buffers` to `forward_sync_buffers` and warns on the old name, which 2.11 alone has. With
+    init_sync=False neither syncs at construction (the same-seed check stands for that)."""
+    new_name = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if new_name else "broadcast_buffers": every_forward}
+
+
 def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
     """DDP around `model` when there is more than one process, with the configured communication hook
     (its byte counts as `comm_stats`); the model itself otherwise."""
@@ -50,8 +60,8 @@ def wrap_model(model: nn.Module, env: DistEnv, cfg: DistConfig) -> nn.Module:
         model,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         bucket_cap_mb_list=bucket_caps_mb(cfg),
-        broadcast_buffers=cfg.broadcast_buffers,
         init_sync=False,
+        **buffer_sync(cfg.broadcast_buffers),
     )
     ddp_model.comm_stats = register_comm_hook(ddp_model, cfg.comm_hook, env.local_world_size)
     return ddp_model
