@@ -141,6 +141,7 @@ def test_distributed_eval_command_counts_each_sample_once(tmp_path):
     (0, 2, 2, 2, 1, "capped from 2 to 1: 2 processes on this node share 2 cores"),
     (0, 16, 3, 16, 5, "capped from 16 to 5"),
     (0, 4, 8, 4, 1, "capped from 4 to 1"),  # more processes than cores: still one thread each
+    (0, 1, 3, 2, 1, ""),  # one thread each already (torchrun's OMP_NUM_THREADS=1): nothing to say
     (3, 2, 2, 2, 3, "warning: run.threads = 3 with 2 processes on this node asks for 6 threads on 2 cores"),
     (1, 2, 2, 2, 1, ""),
 ])

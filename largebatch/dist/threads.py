@@ -29,9 +29,9 @@ def choose_threads(requested: int, current: int, local_world_size: int, cores: i
                 f"{requested * local_world_size} threads on {cores} cores; expect every process to slow down"
                 if requested * local_world_size > cores else "")
         return ThreadChoice(requested, note)
-    if current * local_world_size <= cores:
-        return ThreadChoice(current, "")
     capped = max(1, cores // local_world_size)
+    if current * local_world_size <= cores or capped >= current:  # fits, or one thread each already
+        return ThreadChoice(current, "")
     return ThreadChoice(capped, f"note: torch threads per process capped from {current} to {capped}: "
                                 f"{local_world_size} processes on this node share {cores} cores (set run.threads "
                                 "to choose)")
