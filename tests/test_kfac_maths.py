@@ -44,13 +44,7 @@ TIGHT = dict(rtol=1e-10, atol=1e-13)
 BN_TYPES = (nn.BatchNorm2d,)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only contend on a shared machine (20 s instead of 1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- models and data
