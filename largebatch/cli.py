@@ -22,6 +22,7 @@ from largebatch.config import ConfigError, describe_fields, parse_override_value
 from largebatch.errors import RankLostError, RanksDivergedError, RunInterrupted, UserError
 from largebatch.plan import peak_lr
 from largebatch.run_dir import to_toml
+from largebatch.scaling.cli import add_plan_command
 
 USAGE_NOTE = ("Any field of the recipe can be overridden as --section.field VALUE (lists as 30,60,80), e.g. "
               "--data.global_batch 4096 --optim.base_lr 0.2 --optim.lars.trust_coefficient 0.002. "
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "WORLD_SIZE, else 1)")
     listing = commands.add_parser("recipes", help="list the built-in recipes, one line each")
     listing.set_defaults(func=cmd_recipes)
+    add_plan_command(commands)
     return parser
 
 
