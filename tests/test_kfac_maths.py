@@ -544,3 +544,14 @@ def test_a_run_whose_first_step_was_skipped_captures_on_its_next_step():
     assert pre.capturing  # and then the step is skipped: nothing is taken
     pre.begin_step(1, grad_scale=N)
     assert pre.capturing and not pre.factors
+
+
+@pytest.mark.parametrize("shape", [(5, 18, 9), (5, 18, 4), (3, 7, 1)], ids=["batched", "one GEMM", "one position"])
+def test_sum_of_outer_products_takes_either_path_to_the_explicit_sum(shape):
+    """Both ways `_sum_outer` forms Σ_n Σ_t m[n, :, t] m[n, :, t]ᵀ (batched per example when positions are
+    many, one GEMM over a copy when they are few) against the explicit double loop."""
+    from largebatch.optim.kfac.layers import _sum_outer
+
+    m = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    explicit = sum(torch.outer(m[n, :, t], m[n, :, t]) for n in range(shape[0]) for t in range(shape[2]))
+    torch.testing.assert_close(_sum_outer(m), explicit, rtol=1e-12, atol=1e-12)

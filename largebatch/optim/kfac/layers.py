@@ -42,32 +42,28 @@ class KroneckerLayer:
         weight = self.module.weight
         return weight[0].numel() + self.has_bias, weight.shape[0]
 
-    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """One row ā per example and position (N·T rows), with the bias's constant 1 appended."""
-        m = self.module
+    def add_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """Add Σ ā āᵀ over this micro-batch's examples and positions (the bias's constant 1 included)."""
+        m, x = self.module, x.detach().to(dtype)
         if isinstance(m, nn.Conv2d):
             patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # N, C·kh·kw, T
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            core, sums, count = _sum_outer(patches), patches.sum((0, 2)), patches.shape[0] * patches.shape[2]
         else:
             rows = x.reshape(-1, x.shape[-1])
-        return F.pad(rows, (0, 1), value=1.0) if self.has_bias else rows
-
-    def output_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        """One row of output gradient per example and position (N·T rows)."""
-        if isinstance(self.module, nn.Conv2d):
-            return grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
-        return grad.reshape(-1, grad.shape[-1])
-
-    def add_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        rows = self.input_rows(x.detach()).to(dtype)
-        self.a_sum = _add(self.a_sum, rows.T @ rows)
+            core, sums, count = rows.T @ rows, rows.sum(0), rows.shape[0]
+        self.a_sum = _add(self.a_sum, _with_bias_row(core, sums, count) if self.has_bias else core)
         self.examples += x.shape[0]
 
     def add_output_grad(self, grad: torch.Tensor, grad_scale: float, dtype: torch.dtype) -> None:
-        examples = grad.shape[0]
-        rows = self.output_rows(grad.detach()).to(dtype) * grad_scale  # Ds per example and position
-        positions = rows.shape[0] // examples
-        self.g_sum = _add(self.g_sum, (rows.T @ rows) / positions)
+        """Add Σ_n 1/T Σ_t Ds Dsᵀ, Ds = grad_scale × the output gradient."""
+        grad = grad.detach().to(dtype)
+        if isinstance(self.module, nn.Conv2d):
+            per_example = grad.reshape(grad.shape[0], grad.shape[1], -1)  # N, out, T
+            g = _sum_outer(per_example) / per_example.shape[2]
+        else:
+            rows = grad.reshape(-1, grad.shape[-1])
+            g = rows.T @ rows / (rows.shape[0] // grad.shape[0])
+        self.g_sum = _add(self.g_sum, g * grad_scale ** 2)
 
     def take_factors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The step's sums and count, and a clean slate for the next step."""
@@ -132,6 +128,32 @@ class BatchNormLayer:
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term if total is None else total + term
+
+
+_OUTER_CHUNK = 1 << 24  # elements of the examples × d × d intermediate of `_sum_outer`
+
+
+def _sum_outer(m: torch.Tensor) -> torch.Tensor:
+    """Σ over n and t of m[n, :, t] m[n, :, t]ᵀ for m of shape N × d × T. With many positions per example
+    (early conv layers), batched products of each example's d × T block, which need no (N·T) × d copy
+    of the unfolded input (the N × d × d intermediate bounded by chunks); with few, one GEMM over that
+    copy, which is then the faster (measured on 2 CPU cores: 2x either way at ResNet-20's sizes)."""
+    d, positions = m.shape[1], m.shape[2]
+    if 2 * positions < d:
+        flat = m.permute(1, 0, 2).reshape(d, -1)
+        return flat @ flat.T
+    total = None
+    for part in m.split(max(1, _OUTER_CHUNK // (d * d))):
+        total = _add(total, torch.bmm(part, part.transpose(1, 2)).sum(0))
+    return total
+
+
+def _with_bias_row(core: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Tensor:
+    """Σ [ā; 1][ā; 1]ᵀ from Σ ā āᵀ, Σ ā and the number of rows, without appending a column of ones."""
+    d = core.shape[0]
+    out = core.new_empty(d + 1, d + 1)
+    out[:d, :d], out[:d, d], out[d, :d], out[d, d] = core, sums, sums, count
+    return out
 
 
 def supported(module: nn.Module) -> bool:
