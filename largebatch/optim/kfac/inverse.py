@@ -45,6 +45,12 @@ class KroneckerInverse:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.a, self.g, self.a_values, self.g_values) if t is not None]
 
+    @classmethod
+    def from_tensors(cls, method: str, damping: float, pi: float, tensors: list[torch.Tensor]) -> KroneckerInverse:
+        """The inverse whose `tensors()` these are (as broadcast from its owner, or saved in a checkpoint)."""
+        a, g, *values = tensors
+        return cls(method, damping, a, g, *values, pi=pi)
+
 
 def pi_split(a: torch.Tensor, g: torch.Tensor) -> float:
     """π of π-damping: the ratio of the factors' mean eigenvalues, square-rooted (1 for a zero factor)."""

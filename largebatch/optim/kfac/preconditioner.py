@@ -115,19 +115,18 @@ class KFACPreconditioner:
 
     def update_factors(self) -> None:
         """The step's factors, averaged over examples and ranks, folded into the running averages."""
-        names, batch = [], []
+        batch = []
         for layer in self.layers:
             *sums, examples = layer.take_factors()
             if examples == 0 or any(s is None for s in sums):
                 raise RuntimeError(f"K-FAC saw no forward and backward pass of layer {layer.name!r} in this step")
-            names.append(layer.name)
             batch.extend(s / examples for s in sums)
         averaged = iter(self.comm.average_factors(batch, self.factor_dtype))
         decay = self.options.decay
-        for layer, name in zip(self.layers, names):
+        for layer in self.layers:
             new = [next(averaged).to(self.param_dtype) for _ in range(2 if isinstance(layer, KroneckerLayer) else 1)]
-            old = self.factors.get(name)
-            self.factors[name] = new if old is None else [decay * o + (1 - decay) * n for o, n in zip(old, new)]
+            old = self.factors.get(layer.name)
+            self.factors[layer.name] = new if old is None else [decay * o + (1 - decay) * n for o, n in zip(old, new)]
         self.capturing = False
 
     def update_inverses(self) -> None:
@@ -154,10 +153,7 @@ class KFACPreconditioner:
         for layer, tensors in zip(self.kronecker, shared):
             *parts, scalars = tensors
             damping, pi = scalars.tolist()
-            if o.inverse_method == "eigen":
-                inverse = KroneckerInverse("eigen", damping, parts[0], parts[1], parts[2], parts[3], pi)
-            else:
-                inverse = KroneckerInverse("cholesky", damping, parts[0], parts[1], pi=pi)
+            inverse = KroneckerInverse.from_tensors(o.inverse_method, damping, pi, parts)
             if damping > 1.5 * o.damping:  # raised tenfold at least; the rest is the scalars' rounding
                 self.damping_raised.append(f"{layer.name}: {damping:g}")
             self.inverses[layer.name] = inverse
@@ -189,9 +185,6 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factors = {k: [t.to(self.device) for t in v] for k, v in state["factors"].items()}
-        self.inverses = {}
-        for name, saved in state["inverses"].items():
-            t = [x.to(self.device) for x in saved["tensors"]]
-            values = (t[2], t[3]) if saved["method"] == "eigen" else (None, None)
-            self.inverses[name] = KroneckerInverse(saved["method"], saved["damping"], t[0], t[1], *values,
-                                                   pi=saved["pi"])
+        self.inverses = {name: KroneckerInverse.from_tensors(saved["method"], saved["damping"], saved["pi"],
+                                                             [t.to(self.device) for t in saved["tensors"]])
+                         for name, saved in state["inverses"].items()}
