@@ -8,7 +8,8 @@ and against LARS (fmnist_lars16k), the same epochs for all, for each seed.
 
     python benchmarks/kfac_accuracy.py [--part a|b] [--seeds 0 1] [--epochs 20]
 
-Prints a table and writes benchmarks/results/kfac_accuracy_<part>.json.
+Prints a table and writes benchmarks/results/kfac_accuracy_<part>.json; part b adds its rows to that
+file after every run, replacing a row of the same batch, seed and method, so seeds can be run apart.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def part_a(seeds: list[int]) -> dict:
     return {"part": "a", "rows": rows}
 
 
-def part_b(seeds: list[int], epochs: float, batches: list[int]) -> dict:
-    rows = []
+def part_b(seeds: list[int], epochs: float, batches: list[int]) -> None:
+    path = RESULTS / "kfac_accuracy_b.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {"epochs": epochs, "rows": []}
+    if earlier["epochs"] != epochs:
+        raise SystemExit(f"{path} holds {earlier['epochs']}-epoch runs; move it away to record {epochs:g}-epoch ones")
+    rows = earlier["rows"]
     methods = {
         "sgd": ("fmnist_goyal", {}),
         "kfac": ("fmnist_kfac", {}),
@@ -62,9 +67,16 @@ def part_b(seeds: list[int], epochs: float, batches: list[int]) -> dict:
             for name, (recipe, extra) in methods.items():
                 overrides = {"data.global_batch": batch, "schedule.epochs": epochs, "run.seed": seed} | extra
                 accs = accuracies(recipe, overrides)
+                key = (batch, seed, name)
+                rows = [r for r in rows if (r["batch"], r["seed"], r["method"]) != key]
                 rows.append({"batch": batch, "seed": seed, "method": name, "accuracies": accs, "final": accs[-1][1]})
+                write(path, {"part": "b", "epochs": epochs, "rows": rows})
                 print(f"batch {batch:>6}  seed {seed}  {name:<5} {epochs:g} epochs: {100 * accs[-1][1]:.2f}%")
-    return {"part": "b", "epochs": epochs, "rows": rows}
+
+
+def write(path: Path, result: dict) -> None:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -74,9 +86,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=20, help="part b: epochs of every run")
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384], help="part b: global batches")
     args = parser.parse_args()
-    result = part_a(args.seeds) if args.part == "a" else part_b(args.seeds, args.epochs, args.batches)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"kfac_accuracy_{args.part}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.part == "a":
+        write(RESULTS / "kfac_accuracy_a.json", part_a(args.seeds))
+    else:
+        part_b(args.seeds, args.epochs, args.batches)
 
 
 if __name__ == "__main__":
