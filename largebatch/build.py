@@ -23,6 +23,7 @@ from largebatch.extensions import Extension, StepContext
 from largebatch.extensions.consistency import RankConsistencyCheck
 from largebatch.extensions.grad_clip import GradClip
 from largebatch.extensions.kfac import KFAC, kfac_options
+from largebatch.extensions.noise_scale import NoiseScale
 from largebatch.extensions.trust_ratios import TrustRatioLog
 from largebatch.metrics import RunLogger
 from largebatch.models import build_model
@@ -85,9 +86,11 @@ def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor
 
 
 def builtin_extensions(cfg: Config) -> list[Extension]:
-    """The extensions the config asks for: K-FAC, gradient clipping, trust-ratio logging, the rank-consistency
-    check."""
+    """The extensions the config asks for: the noise scale, K-FAC, gradient clipping, trust-ratio logging, the
+    rank-consistency check."""
     extensions: list[Extension] = []
+    if cfg.run.noise_scale:  # first: it measures the gradient before anything rewrites it
+        extensions.append(NoiseScale(cfg.run.noise_scale_decay))
     if cfg.optim.preconditioner == "kfac":  # first: clipping and logging see the preconditioned gradient
         extensions.append(KFAC(kfac_options(cfg.kfac)))
     if cfg.optim.clip_grad_norm > 0:

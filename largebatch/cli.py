@@ -1,4 +1,4 @@
-"""Command-line entry points: `largebatch train | eval | config | recipes`.
+"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, bench).
 
 Options of the form `--section.field VALUE` (or `--section.field=VALUE`, `--optim.lars.mode VALUE`)
 override the recipe; everything is validated into a Config before a process group, a run directory
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,51 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def cmd_gns(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """Train the recipe briefly with the noise-scale extension and print B_simple, the critical-batch estimate."""
+    from largebatch.metrics import read_metrics
+
+    overrides = parse_overrides(extra)
+    cfg = load_config(args.recipe, overrides)
+    micro_batch = overrides.get("data.micro_batch") or micro_batch_for_noise_scale(cfg)
+    cfg = load_config(args.recipe, {"run.noise_scale": True, "run.max_steps": args.steps, "run.checkpoint": False,
+                                    "run.name": cfg.run.name or f"gns-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                    "run.log_every": max(1, min(cfg.run.log_every, args.steps // 20))}
+                      | overrides | {"data.micro_batch": micro_batch})
+    result = run(cfg)
+    if not is_main_process():
+        return 0
+    records = [r for r in read_metrics(result.run_dir) if r["kind"] == "train" and "gns_b_simple" in r]
+    if not records:
+        raise ConfigError(f"no step was logged in {args.steps} steps: give more --steps")
+    b = plan_batches(cfg.data, launched_world_size())
+    print(f"gradient noise scale of {cfg.recipe} (small batch {b.micro_batch}, big batch {b.global_batch}; moving "
+          f"average over ~{1 / (1 - cfg.run.noise_scale_decay):.0f} steps)")
+    print(f"{'step':>7} {'epoch':>7} {'lr':>9} {'loss':>8} {'|G|^2':>10} {'tr(S)':>10} {'B_simple':>9}")
+    shown = records[::max(1, len(records) // 10)]
+    for r in shown if shown[-1] is records[-1] else [*shown, records[-1]]:
+        print(f"{r['step']:>7} {r['epoch']:>7.2f} {r['lr']:>9.4g} {r['loss']:>8.4f} {r['gns_grad_sq']:>10.4g} "
+              f"{r['gns_trace']:>10.4g} {r['gns_b_simple']:>9.0f}")
+    estimate = records[-1]["gns_b_simple"]
+    print(f"critical batch estimate B_simple ~ {estimate:.0f} after {records[-1]['step']} steps; the recipe's global "
+          f"batch is {b.global_batch} ({b.global_batch / estimate:.2g}x). Below B_simple, doubling the batch nearly "
+          "halves the steps to a given loss; well above it, extra samples per step buy few steps (McCandlish et al. "
+          "2018). B_simple usually grows as training goes on.")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def micro_batch_for_noise_scale(cfg) -> int:
+    """The configured micro-batch, or, when one process would take the whole per-worker batch in one pass, the
+    largest smaller one that divides it (a multiple of the BN batch): the estimate needs two micro-batches."""
+    b = plan_batches(cfg.data, launched_world_size())
+    if b.world_size * b.accum_steps >= 2:
+        return b.micro_batch
+    multiple = cfg.data.bn_batch if 0 < cfg.data.bn_batch < b.per_worker else 1
+    smaller = [m for m in range(b.per_worker // 2, 0, -1) if b.per_worker % m == 0 and m % multiple == 0]
+    return smaller[0] if smaller else b.micro_batch
+
+
 def cmd_eval(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from largebatch.checkpoint import load_checkpoint, load_latest
     from largebatch.evaluate import evaluate_checkpoint
@@ -151,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "resume run.out_dir/run.name if it holds a checkpoint, else start it (for torchrun "
                        "--max-restarts)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    gns = command("gns", "train a recipe briefly and print its gradient noise scale B_simple (the critical batch "
+                  "estimate of McCandlish et al. 2018)", cmd_gns)
+    gns.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
+    gns.add_argument("--steps", type=int, default=100, help="optimizer steps to train (default 100)")
     evaluate = command("eval", "evaluate a run's checkpoint on its test set", cmd_eval)
     evaluate.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints)")
     evaluate.add_argument("--checkpoint", help="a checkpoint other than the run's newest")

@@ -160,11 +160,21 @@ class RunConfig:
     log_every: int = number(10, 1, help="steps per train record")
     trust_log_every: int = number(100, 0, help="steps between per-layer trust-ratio records; 0: never")
     eval_every: int = number(1, 1, help="epochs between evaluations (the last epoch always)")
+    max_steps: int = number(0, 0, help="end the run after this many optimizer steps, as if finished (the lr "
+                            "schedule stays that of schedule.epochs; no evaluation unless an epoch ends there); 0: no "
+                            "limit")
     stop_after_epochs: int = number(0, 0, help="end this session after N epochs (resume later); 0: no limit")
     checkpoint: bool = plain(True, "write checkpoints (at each epoch end, and every checkpoint_every steps)")
     checkpoint_every: int = number(0, 0, help="steps between checkpoints within an epoch; 0: epoch ends only")
     keep_checkpoints: int = number(3, 0, help="newest checkpoints kept in the run directory; 0: all")
     target_accuracy: float = number(0.0, 0.0, 1.0, help="time-to-accuracy threshold (fraction)")
+    stop_at_target: bool = plain(False, "end the run at the first evaluation reaching target_accuracy (steps to "
+                                 "target); it then counts as finished")
+    noise_scale: bool = plain(False, "estimate the gradient noise scale B_simple (McCandlish et al. 2018) from micro-batch "
+                              "and global-batch gradients and log it (gns_* in train records); needs >= 2 micro-batches "
+                              "per step")
+    noise_scale_decay: float = number(0.95, 0.0, 1.0, hi_open=True, help="moving-average decay of the noise-scale "
+                                      "estimates, per step")
     on_nonfinite: str = choice("stop", ("stop", "skip"), "what a NaN/inf global loss does")
     progress: bool = plain(True, "progress bar on rank 0")
 
@@ -417,6 +427,8 @@ def validate_relations(cfg: Config) -> None:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"optim.lamb.betas = {list(betas)}: must be two numbers in [0, 1)")
     _validate_kfac(cfg.kfac)
+    if cfg.run.stop_at_target and cfg.run.target_accuracy == 0:
+        raise ConfigError("run.stop_at_target = true needs run.target_accuracy > 0 (the accuracy to stop at)")
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")

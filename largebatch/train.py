@@ -72,7 +72,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
                 if env.is_main:
                     for line in passed_over:
                         print(f"largebatch: warning: {line}; using an older checkpoint", file=sys.stderr)
-            if state.progress.step >= state.plan.total_steps:
+            if _finished(state):
                 p = state.progress
                 return TrainResult(run_dir if env.is_main else None, None, p.epoch, p.step, p.skipped_steps, 0.0,
                                    p.time_to_accuracy_s, resumed_from, already_finished=True)
@@ -126,12 +126,12 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
     step = TrainStep(state)
     comm = getattr(state.ddp_model, "comm_stats", None)  # what a communication hook counts
 
-    bar = progress_bar(plan.total_steps, env.is_main and cfg.run.progress, "train")
+    bar = progress_bar(_last_step(state), env.is_main and cfg.run.progress, "train")
     bar.update(progress.step)
     session_epochs = 0
     stopped_by, saved = None, None
-    while progress.step < plan.total_steps and not stopped_by and not (cfg.run.stop_after_epochs
-                                                                       and session_epochs >= cfg.run.stop_after_epochs):
+    while not _finished(state) and not stopped_by and not (cfg.run.stop_after_epochs
+                                                            and session_epochs >= cfg.run.stop_after_epochs):
         epoch = progress.epoch
         state.sampler.set_epoch(epoch, progress.step - epoch * plan.steps_per_epoch)
         state.ddp_model.train()
@@ -151,7 +151,8 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             bar.update(1)
             stopped_by = signals.agreed(state.collectives)
             mid_epoch = progress.step < plan.epoch_end(epoch)  # epoch ends save below, after evaluation
-            if cfg.run.checkpoint and mid_epoch and (stopped_by or cfg.run.checkpoint_every
+            at_max_steps = progress.step >= _last_step(state)
+            if cfg.run.checkpoint and mid_epoch and (stopped_by or at_max_steps or cfg.run.checkpoint_every
                                                      and progress.step % cfg.run.checkpoint_every == 0):
                 progress.elapsed_s = time.perf_counter() - run_start
                 saved = state.save(run_dir)
@@ -163,12 +164,12 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                            elapsed_s=time.perf_counter() - run_start, **window.comm_per_step(progress.step), **extra)
                 bar.set_postfix(loss=f"{window.mean_loss():.4f}", lr=f"{outcome.lr:.4g}")
                 window = _Window(time.perf_counter(), progress.step, comm)
-            if stopped_by:
+            if stopped_by or at_max_steps:
                 break
-        if progress.step < plan.epoch_end(epoch):  # stopped by a signal within the epoch
+        if progress.step < plan.epoch_end(epoch):  # stopped by a signal or run.max_steps within the epoch
             break
         progress.epoch = epoch + 1
-        if progress.step >= plan.total_steps or progress.epoch % cfg.run.eval_every == 0:
+        if progress.step >= _last_step(state) or progress.epoch % cfg.run.eval_every == 0:
             last_eval = evaluate(state.model, test_loader, env, state.autocast, state.place)
             elapsed = time.perf_counter() - run_start
             reached = cfg.run.target_accuracy and last_eval.accuracy >= cfg.run.target_accuracy
@@ -185,12 +186,24 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             saved = state.save(run_dir)
     bar.close()
     wall_s = time.perf_counter() - run_start
-    finished = progress.step >= plan.total_steps
-    logger.mlperf_event("run_final" if finished else "session_stop", progress.step, wall_s=wall_s,
+    logger.mlperf_event("run_final" if _finished(state) else "session_stop", progress.step, wall_s=wall_s,
                         accuracy=last_eval.accuracy if last_eval else None,
-                        time_to_accuracy_s=progress.time_to_accuracy_s, signal=stopped_by)
+                        time_to_accuracy_s=progress.time_to_accuracy_s, signal=stopped_by,
+                        stopped_at_target=progress.step < _last_step(state) and _finished(state))
     return TrainResult(run_dir, last_eval, progress.epoch, progress.step, progress.skipped_steps, wall_s,
                        progress.time_to_accuracy_s, resumed_from, stopped_by=stopped_by, checkpoint=saved)
+
+
+def _last_step(state: RunState) -> int:
+    """The step count the run ends at: the schedule's, or `run.max_steps` when that comes first."""
+    return min(state.plan.total_steps, state.cfg.run.max_steps or state.plan.total_steps)
+
+
+def _finished(state: RunState) -> bool:
+    """All steps taken (up to `run.max_steps`), or the target accuracy reached in a run that stops there
+    (`run.stop_at_target`)."""
+    reached = state.cfg.run.stop_at_target and state.progress.time_to_accuracy_s is not None
+    return state.progress.step >= _last_step(state) or reached
 
 
 class _Window:

@@ -224,3 +224,19 @@ def test_a_second_ctrl_c_is_said_in_one_line_with_the_trainers_words(capsys, mon
     assert main(["train", "--data.source", "synthetic"]) == 130
     assert capsys.readouterr().err == ("largebatch train: interrupted (a second Ctrl-C): stopped at once in step 6; "
                                        "the newest checkpoint is X\n")
+
+
+def test_gns_trains_briefly_and_prints_the_logged_critical_batch_estimate(capsys, tmp_path):
+    """One process and a recipe without accumulation: the command picks a smaller micro-batch itself."""
+    from largebatch.metrics import read_metrics
+
+    assert main(["gns", "--steps", "6", *QUICK, "--schedule.epochs", "4", "--data.micro_batch", "0",
+                 "--run.out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    run_dir = Path(out.strip().splitlines()[-1].removeprefix("run directory: "))
+    records = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    plan = next(r for r in read_metrics(run_dir) if r["kind"] == "plan")
+    assert (plan["micro_batch"], plan["accum_steps"]) == (16, 2)
+    assert f"B_simple ~ {records[-1]['gns_b_simple']:.0f} after 6 steps" in out
+    assert "small batch 16, big batch 32" in out

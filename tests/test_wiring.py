@@ -864,6 +864,54 @@ def run_target_accuracy_times_the_run(tmp_path):
     assert result.test.accuracy >= 0.01 and 0 < result.time_to_accuracy_s <= result.wall_s
 
 
+@probe("run.stop_at_target")
+def run_stop_at_target_ends_the_run_at_the_first_evaluation_reaching_it(tmp_path):
+    three_epochs = {"schedule.epochs": 3, "run.target_accuracy": 0.01, "run.checkpoint": True}
+    result, records = trained(tmp_path, three_epochs | {"run.stop_at_target": False})
+    assert result.epochs == 3 and len(of_kind(records, "epoch")) == 3
+    result, records = trained(tmp_path, three_epochs | {"run.stop_at_target": True})
+    assert result.epochs == 1 and [r["epoch"] for r in of_kind(records, "epoch")] == [1]
+    final = [r for r in of_kind(records, "mlperf") if r["key"] == "run_final"]
+    assert len(final) == 1 and final[0]["stopped_at_target"] is True
+    cfg = largebatch.load_config(resume_dir=result.run_dir)
+    assert largebatch.run(cfg, result.run_dir, resume=True).already_finished
+
+
+@probe("run.noise_scale")
+def run_noise_scale_logs_the_estimate(tmp_path):
+    for on in (False, True):
+        _, records = trained(tmp_path, {"run.noise_scale": on})
+        assert all(("gns_b_simple" in r) is on for r in of_kind(records, "train"))
+    assert all(math.isfinite(r["gns_b_simple"]) for r in of_kind(records, "train"))
+    with pytest.raises(largebatch.errors.ConfigError, match="two micro-batches"):
+        trained(tmp_path, {"run.noise_scale": True, "data.micro_batch": 64})
+
+
+@probe("run.noise_scale_decay")
+def run_noise_scale_decay_averages_the_estimates(tmp_path):
+    runs = [of_kind(trained(tmp_path, {"run.noise_scale": True, "run.noise_scale_decay": decay})[1], "train")
+            for decay in (0.0, 0.9)]
+    # bias-corrected: the first step's average is that step's estimate whatever the decay; later ones differ
+    assert runs[0][0]["gns_trace"] == runs[1][0]["gns_trace"]
+    assert all(a["gns_trace"] != b["gns_trace"] for a, b in zip(runs[0][1:], runs[1][1:]))
+
+
+@probe("run.max_steps")
+def run_max_steps_ends_the_run_early_and_a_resume_without_it_continues_exactly(tmp_path):
+    result, records = trained(tmp_path, {"run.max_steps": 0, "run.checkpoint": True})
+    assert result.steps == 4
+    full = load_checkpoint(result.run_dir / "checkpoint.pt")["model"]
+    result, records = trained(tmp_path, {"run.max_steps": 3, "run.checkpoint": True})
+    assert result.steps == 3 and [r["step"] for r in of_kind(records, "train")] == [1, 2, 3]
+    assert [r["key"] for r in of_kind(records, "mlperf")] == ["run_start", "run_final"]
+    cfg = largebatch.load_config(resume_dir=result.run_dir)
+    assert largebatch.run(cfg, result.run_dir, resume=True).already_finished
+    cfg = largebatch.load_config(overrides={"run.max_steps": 0}, resume_dir=result.run_dir)
+    assert largebatch.run(cfg, result.run_dir, resume=True).steps == 4
+    resumed = load_checkpoint(result.run_dir / "checkpoint.pt")["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 @probe("run.on_nonfinite")
 def run_on_nonfinite_stops_or_skips(tmp_path):
     diverging = {"optim.base_lr": 1e30, "schedule.warmup_epochs": 0}
