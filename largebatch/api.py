@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from largebatch import recipes
 from largebatch.config import Config, ConfigError, apply_overrides, config_from_dict, plan_batches
 from largebatch.gns import needs_micro_batches
+from largebatch.plan import phase_batches
 from largebatch.run_dir import (CONFIG_NAME, check_new_run_dir, create_run_dir, require_run, resolve_run_dir,
                                 update_run_config)
 
@@ -107,9 +108,9 @@ def run(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
         raise ConfigError("resume and overwrite exclude each other")
     if resume and run_dir is None:
         raise ConfigError("resume needs the run directory to continue")
-    batches = plan_batches(cfg.data, launched_world_size())
-    if cfg.run.noise_scale:
-        needs_micro_batches(batches.world_size * batches.accum_steps)
+    for batches in phase_batches(cfg, launched_world_size()):
+        if cfg.run.noise_scale:
+            needs_micro_batches(batches.world_size * batches.accum_steps)
     check_data_path(cfg)
     check_device(cfg)
     run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)

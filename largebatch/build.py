@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from largebatch.config import Config, plan_batches
+from largebatch.config import Config
 from largebatch.data import DataSplits, load_splits
 from largebatch.data.sampler import GlobalBatchSampler
 from largebatch.data.verify import unreadable_images
@@ -28,7 +28,7 @@ from largebatch.extensions.trust_ratios import TrustRatioLog
 from largebatch.metrics import RunLogger
 from largebatch.models import build_model
 from largebatch.optim import build_optimizer, param_groups
-from largebatch.plan import RunPlan, lr_schedule
+from largebatch.plan import RunPlan
 from largebatch.precision import autocast_factory, grad_scaler, param_dtype
 from largebatch.state import RunState
 
@@ -110,13 +110,12 @@ def build_run(cfg: Config, env: DistEnv, run_dir: Path | None, extensions: Seque
     torch.set_num_threads(threads.threads)
     if threads.note and env.local_rank == 0:
         print(f"largebatch: {threads.note}", file=sys.stderr)
-    batches = plan_batches(cfg.data, env.world_size)
     splits = build_data(cfg, Collectives(env), image_check_record)
-    sampler = GlobalBatchSampler(len(splits.train), batches, env.rank, cfg.run.seed)
-    plan = RunPlan(batches, sampler.steps_per_epoch, lr_schedule(cfg, sampler.steps_per_epoch))
-    model = build_network(cfg, splits, env.device, batches.ghost_bn_batch)
+    plan = RunPlan.build(cfg, env.world_size, len(splits.train))
+    sampler = GlobalBatchSampler(len(splits.train), plan.batches, env.rank, cfg.run.seed)
+    model = build_network(cfg, splits, env.device, plan.ghost_bn_batch)
     ddp_model = wrap_model(model, env, cfg.dist)
-    optimizer = build_optimizer_for(cfg, model, lr=plan.schedule(0))
+    optimizer = build_optimizer_for(cfg, model, lr=plan.lr(0))
     all_extensions = [*builtin_extensions(cfg), *extensions]
     state = RunState(
         cfg=cfg, env=env, plan=plan, splits=splits, model=model, ddp_model=ddp_model, optimizer=optimizer,

@@ -128,6 +128,12 @@ class ScheduleConfig:
     gamma: float = number(0.1, 0.0, 1.0, lo_open=True, help="step decay factor")
     poly_power: float = number(2.0, 0.0, lo_open=True, help="poly decay power")
     final_lr: float = number(0.0, 0.0, help="cosine / poly: lr at the end")
+    batch_ramp_epochs: tuple[int, ...] = plain((), "batch ramp (Smith et al. 2018): epochs at which the global batch "
+                                               "grows, each to the matching batch_ramp_batches entry")
+    batch_ramp_batches: tuple[int, ...] = plain((), "batch ramp: the global batch from each batch_ramp_epochs entry "
+                                                "on (growing; data.global_batch before the first)")
+    batch_ramp_lr: str = choice("keep", ("keep", "scale"), "batch ramp: keep the schedule's lr at a batch change (the "
+                                "growth replaces a decay, as Smith et al.) or scale it to the new batch by optim.scaling")
 
 
 @dataclass(frozen=True)
@@ -427,6 +433,7 @@ def validate_relations(cfg: Config) -> None:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"optim.lamb.betas = {list(betas)}: must be two numbers in [0, 1)")
     _validate_kfac(cfg.kfac)
+    _validate_batch_ramp(cfg)
     if cfg.run.stop_at_target and cfg.run.target_accuracy == 0:
         raise ConfigError("run.stop_at_target = true needs run.target_accuracy > 0 (the accuracy to stop at)")
     d = cfg.data
@@ -439,6 +446,21 @@ def validate_relations(cfg: Config) -> None:
         raise ConfigError("run.precision = 'fp16' needs a GPU (fp16 with GradScaler); on CPU use 'bf16' or 'fp32'")
     if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
         raise ConfigError("dist.backend = 'nccl' needs dist.device = 'cuda' (or 'auto' on a GPU machine)")
+
+
+def _validate_batch_ramp(cfg: Config) -> None:
+    s = cfg.schedule
+    epochs, batches = list(s.batch_ramp_epochs), list(s.batch_ramp_batches)
+    if len(epochs) != len(batches):
+        raise ConfigError(f"schedule.batch_ramp_epochs = {epochs} and schedule.batch_ramp_batches = {batches} must "
+                          "have one entry each per batch change")
+    if epochs and (epochs[0] < 1 or epochs != sorted(set(epochs)) or epochs[-1] >= s.epochs):
+        raise ConfigError(f"schedule.batch_ramp_epochs = {epochs}: must be strictly increasing whole epochs >= 1 and "
+                          f"< schedule.epochs = {s.epochs:g}")
+    growing = [cfg.data.global_batch, *batches]
+    if any(a >= b for a, b in zip(growing, growing[1:])):
+        raise ConfigError(f"schedule.batch_ramp_batches = {batches}: each must be larger than the one before "
+                          f"(data.global_batch = {cfg.data.global_batch} first)")
 
 
 def _validate_kfac(k: KFACConfig) -> None:

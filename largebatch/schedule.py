@@ -109,13 +109,17 @@ class LrSchedule:
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps in the whole run, ceil(total_epochs * steps_per_epoch)."""
-        return math.ceil(self.total_epochs * self.steps_per_epoch)
+        """Optimizer steps in the whole run, ceil(total_epochs * steps_per_epoch) (rounded to 9 decimals first, so
+        that 16.6 epochs of 15 steps are 249 steps, not 250)."""
+        return math.ceil(round(self.total_epochs * self.steps_per_epoch, 9))
 
     def __call__(self, step: int) -> float:
         if step < 0:
             raise ValueError(f"step = {step!r} is not allowed; it must be >= 0")
-        e = step / self.steps_per_epoch
+        return self.at_epoch(step / self.steps_per_epoch)
+
+    def at_epoch(self, e: float) -> float:
+        """The lr at the fractional epoch position `e` (for runs whose steps per epoch change: a batch ramp)."""
         w = 0.0 if self.warmup_mode == "none" else self.warmup_epochs
         if e < w:
             start = 0.0 if self.warmup_start_lr is None else self.warmup_start_lr

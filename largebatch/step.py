@@ -35,8 +35,8 @@ class TrainStep:
 
     def __call__(self, micro_batches: Iterator, step: int) -> StepOutcome:
         s = self.state
-        plan = s.plan.batches
-        lr = s.plan.schedule(step)
+        plan = s.plan.batches_at(step)
+        lr = s.plan.lr(step)
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         s.optimizer.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ from largebatch.errors import NonFiniteLossError, RankLostError, RunInterrupted
 from largebatch.evaluate import EvalResult, eval_loader, evaluate
 from largebatch.extensions import Extension
 from largebatch.metrics import progress_bar
+from largebatch.plan import Phase
 from largebatch.run_dir import write_text_atomic
 from largebatch.state import RunState
 from largebatch.step import TrainStep
@@ -108,11 +109,12 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
     b = plan.batches
     train_size = len(state.splits.train)
     dropped = train_size - plan.steps_per_epoch * b.global_batch
+    ramp = {"batch_ramp": [_phase_record(p) for p in plan.phases[1:]]} if len(plan.phases) > 1 else {}
     logger.log("plan", progress.step, world_size=b.world_size, global_batch=b.global_batch, per_worker=b.per_worker,
                micro_batch=b.micro_batch, accum_steps=b.accum_steps, bn_batch=b.bn_batch,
                steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, peak_lr=plan.peak_lr,
                train_samples=train_size, dropped_per_epoch=dropped, skipped_images=state.splits.skipped_images,
-               device=str(env.device), threads=torch.get_num_threads())
+               device=str(env.device), threads=torch.get_num_threads(), **ramp)
     if state.splits.skipped_images and env.is_main:
         print(f"largebatch: warning: {state.splits.skipped_images} unreadable image(s) left out "
               "(data.on_bad_image = 'skip')", file=sys.stderr)
@@ -133,7 +135,8 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
     while not _finished(state) and not stopped_by and not (cfg.run.stop_after_epochs
                                                             and session_epochs >= cfg.run.stop_after_epochs):
         epoch = progress.epoch
-        state.sampler.set_epoch(epoch, progress.step - epoch * plan.steps_per_epoch)
+        phase = plan.phase_of_epoch(epoch)
+        state.sampler.set_epoch(epoch, progress.step - plan.epoch_start(epoch), phase.batches)
         state.ddp_model.train()
         window = _Window(time.perf_counter(), progress.step, comm)
         micro_batches = iter(train_loader)
@@ -159,8 +162,9 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             if progress.step % cfg.run.log_every == 0:
                 seconds = time.perf_counter() - window.start
                 extra = {k: v for extension in state.extensions for k, v in extension.log_values().items()}
+                batch = phase.batches.global_batch
                 logger.log("train", progress.step, epoch=plan.epoch_at(progress.step), lr=outcome.lr,
-                           loss=window.mean_loss(), images_per_s=len(window.losses) * b.global_batch / seconds,
+                           loss=window.mean_loss(), global_batch=batch, images_per_s=len(window.losses) * batch / seconds,
                            elapsed_s=time.perf_counter() - run_start, **window.comm_per_step(progress.step), **extra)
                 bar.set_postfix(loss=f"{window.mean_loss():.4f}", lr=f"{outcome.lr:.4g}")
                 window = _Window(time.perf_counter(), progress.step, comm)
@@ -180,6 +184,9 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             if env.is_main:
                 bar.write(f"epoch {progress.epoch}/{plan.total_epochs}  test loss {last_eval.loss:.4f}  "
                           f"test accuracy {100 * last_eval.accuracy:.2f}%  elapsed {elapsed:.1f}s")
+        following = plan.phase_of_epoch(progress.epoch)
+        if following.start_epoch == progress.epoch and following is not phase and not _finished(state):
+            logger.log("ramp", progress.step, **_phase_record(following))  # before the checkpoint: logged once
         progress.elapsed_s = time.perf_counter() - run_start
         session_epochs += 1
         if cfg.run.checkpoint:
@@ -192,6 +199,13 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                         stopped_at_target=progress.step < _last_step(state) and _finished(state))
     return TrainResult(run_dir, last_eval, progress.epoch, progress.step, progress.skipped_steps, wall_s,
                        progress.time_to_accuracy_s, resumed_from, stopped_by=stopped_by, checkpoint=saved)
+
+
+def _phase_record(phase: Phase) -> dict[str, float]:
+    b = phase.batches
+    return {"start_epoch": phase.start_epoch, "start_step": phase.start_step, "global_batch": b.global_batch,
+            "micro_batch": b.micro_batch, "accum_steps": b.accum_steps, "steps_per_epoch": phase.steps_per_epoch,
+            "lr_factor": phase.lr_factor}
 
 
 def _last_step(state: RunState) -> int:

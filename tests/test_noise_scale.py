@@ -4,7 +4,6 @@ estimate on linear regression against its closed form, and 2 gloo ranks against 
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from largebatch.dist import Collectives, DistEnv
 from largebatch.extensions import StepContext
 from largebatch.extensions.noise_scale import NoiseScale
 from largebatch.gns import NoiseScaleAverage, unbiased_estimates
+from largebatch.plan import Phase, RunPlan
+from largebatch.schedule import LrSchedule
 from multiproc import run_python, run_ranks
 from test_distributed import train_argv
 
@@ -52,7 +53,8 @@ def attached(model: nn.Module, micro_batch: int, accum: int, decay: float = 0.9,
     batches = plan_batches(DataConfig(global_batch=micro_batch * accum, micro_batch=micro_batch, bn_batch=0), 1)
     env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                   backend=None)
-    ctx = StepContext(model, torch.optim.SGD(model.parameters(), lr=0.0), SimpleNamespace(batches=batches),
+    plan = RunPlan((Phase(0, 0, batches, steps_per_epoch=1),), LrSchedule(peak_lr=0.0, steps_per_epoch=1, total_epochs=1))
+    ctx = StepContext(model, torch.optim.SGD(model.parameters(), lr=0.0), plan,
                       Collectives(env), log=lambda *a, **k: None, loss_scale=lambda: loss_scale)
     extension = NoiseScale(decay)
     extension.attach(ctx)
@@ -78,7 +80,8 @@ def test_micro_batch_norms_are_each_micro_batch_gradient_unscaled():
     extension = attached(model, micro_batch=4, accum=3, loss_scale=256.0)
     step(extension, model, micro, loss_scale=256.0)
     grads = [torch.autograd.grad(model.loss(x, y), model.w)[0] for x, y in micro]
-    (micro_sq, global_sq), = extension._pending
+    (micro_sq, global_sq, micro_batch, global_batch), = extension._pending
+    assert (micro_batch, global_batch) == (4, 12)
     assert micro_sq.item() == pytest.approx(sum(g.square().sum().item() for g in grads) / 3, rel=1e-12)
     assert global_sq.item() == pytest.approx(torch.stack(grads).mean(0).square().sum().item(), rel=1e-12)
     # a new step starts from zero

@@ -357,7 +357,7 @@ COSINE_AT_EPOCH_3 = (1 + math.cos(math.pi * 2 / 3)) / 2  # 2 of the 3 decay epoc
 
 def lr_sequence(overrides: dict) -> list[float]:
     plan = built(LR_BASE | overrides).plan
-    return [plan.schedule(step) for step in range(plan.total_steps)]
+    return [plan.lr(step) for step in range(plan.total_steps)]
 
 
 def lr_probe(field: str, cases: list[tuple], fixed: dict | None = None) -> None:
@@ -384,6 +384,25 @@ lr_probe("schedule.gamma", [(0.1, {8: 0.02, 12: 0.002}), (0.5, {8: 0.1, 12: 0.05
 lr_probe("schedule.poly_power", [(2.0, {12: 0.2 / 9}), (1.0, {12: 0.2 / 3})], fixed={"schedule.decay": "poly"})
 lr_probe("schedule.final_lr", [(0.0, {12: 0.2 * COSINE_AT_EPOCH_3}),
                                (0.04, {12: 0.04 + 0.16 * COSINE_AT_EPOCH_3})], fixed={"schedule.decay": "cosine"})
+
+
+# A batch ramp to 128 (2 steps per epoch): at epoch 2, 8 + 2 * 2 steps; at epoch 3, 12 + 2.
+lr_probe("schedule.batch_ramp_lr", [("keep", {7: 0.2, 8: 0.02}), ("scale", {7: 0.2, 8: 0.04})],
+         fixed={"schedule.batch_ramp_epochs": [2], "schedule.batch_ramp_batches": [128]})
+
+
+@probe("schedule.batch_ramp_epochs")
+def schedule_batch_ramp_epochs_grow_the_batch_there():
+    for epochs, steps in (((), 16), ((2,), 12), ((3,), 14)):
+        ramp = {"schedule.batch_ramp_epochs": epochs, "schedule.batch_ramp_batches": [128] * len(epochs)}
+        assert len(lr_sequence(ramp)) == steps
+
+
+@probe("schedule.batch_ramp_batches")
+def schedule_batch_ramp_batches_are_the_new_batches():
+    for batches, steps in (((128,), 12), ((256,), 10)):
+        plan = built(LR_BASE | {"schedule.batch_ramp_epochs": [2], "schedule.batch_ramp_batches": batches}).plan
+        assert plan.total_steps == steps and plan.batches_at(steps - 1).global_batch == batches[0]
 
 
 @probe("schedule.epochs")

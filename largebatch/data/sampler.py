@@ -52,7 +52,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.plan.global_batch
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0, plan: BatchPlan | None = None) -> None:
+        """Position the sampler at step `start_step` of `epoch`, with the epoch's split of the global batch
+        when it changes (a batch ramp)."""
+        if plan is not None:
+            if self.num_samples < plan.global_batch:
+                raise DatasetError(f"the training set has {self.num_samples} samples, fewer than one global batch of "
+                                   f"{plan.global_batch}")
+            self.plan = plan
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
         self.epoch, self.start_step = epoch, start_step

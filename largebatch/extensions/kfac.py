@@ -40,7 +40,7 @@ class KFAC(Extension):
                   f"(no curvature block for them): {', '.join(self.preconditioner.left_out)}", file=sys.stderr)
 
     def before_step(self, step: int) -> None:
-        batches = self.ctx.plan.batches
+        batches = self.ctx.plan.batches_at(step)
         # The loss of a micro-batch is its mean, divided by accum_steps and multiplied by the loss scale.
         self.preconditioner.begin_step(step, batches.micro_batch * batches.accum_steps / self.ctx.loss_scale())
 

@@ -30,13 +30,13 @@ class NoiseScale(Extension):
 
     def __init__(self, decay: float):
         self.average = NoiseScaleAverage(decay)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (mean micro |g|², global |G|²)
+        # per step: mean micro-batch |g|², global |G|², the micro and global batch sizes
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
 
     def attach(self, ctx: StepContext) -> None:
         super().attach(ctx)
-        b = ctx.plan.batches
-        self.micro_batches = b.world_size * b.accum_steps
-        needs_micro_batches(self.micro_batches)
+        for phase in ctx.plan.phases:
+            needs_micro_batches(phase.batches.world_size * phase.batches.accum_steps)
         self.params = [p for p in ctx.model.parameters() if p.requires_grad]
         device = self.params[0].device
         # fp64 where the device has it: the micro-batch norms are differenced against the global one.
@@ -52,22 +52,21 @@ class NoiseScale(Extension):
         self._micro_sq.zero_()
 
     def on_gradients(self, step: int) -> None:
-        b = self.ctx.plan.batches
+        b = self.ctx.plan.batches_at(step)
         # Each micro-batch's loss was divided by accum_steps and multiplied by the loss scale.
         unscale = (b.accum_steps / self.ctx.loss_scale()) ** 2
-        micro_sq = self.ctx.collectives.all_reduce_sum(self._micro_sq * unscale) / self.micro_batches
+        micro_sq = self.ctx.collectives.all_reduce_sum(self._micro_sq * unscale) / (b.world_size * b.accum_steps)
         grads = [p.grad.detach() for p in self.params if p.grad is not None]
         global_sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
-        self._pending.append((micro_sq, global_sq))
+        self._pending.append((micro_sq, global_sq, b.micro_batch, b.global_batch))
 
     def fold(self) -> NoiseScaleAverage:
         """Add the steps measured since the last fold to the averages (non-finite ones, from an fp16
         overflow, are left out) and return them."""
-        b = self.ctx.plan.batches
-        for micro_sq, global_sq in self._pending:
+        for micro_sq, global_sq, micro_batch, global_batch in self._pending:
             small, big = micro_sq.item(), global_sq.item()
             if math.isfinite(small) and math.isfinite(big):
-                self.average.update(*unbiased_estimates(small, b.micro_batch, big, b.global_batch))
+                self.average.update(*unbiased_estimates(small, micro_batch, big, global_batch))
         self._pending = []
         return self.average
 
