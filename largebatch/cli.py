@@ -1,4 +1,4 @@
-"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, bench).
+"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, bench, report).
 
 Options of the form `--section.field VALUE` (or `--section.field=VALUE`, `--optim.lars.mode VALUE`)
 override the recipe; everything is validated into a Config before a process group, a run directory
@@ -21,7 +21,8 @@ from largebatch.api import (check_data_path, is_main_process, launched_world_siz
 from largebatch.bench.comm import add_bench_command
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
 from largebatch.errors import RankLostError, RanksDivergedError, RunInterrupted, UserError
-from largebatch.plan import peak_lr
+from largebatch.plan import peak_lr, phase_batches
+from largebatch.report import add_report_command
 from largebatch.run_dir import to_toml
 from largebatch.scaling.cli import add_plan_command
 
@@ -162,6 +163,9 @@ def cmd_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
           f"# peak lr {peak_lr(cfg):.6g} = base_lr {o.base_lr:g} for {o.ref_batch}, {o.scaling} scaling to "
           f"{b.global_batch}; warmup {cfg.schedule.warmup_epochs:g} epochs ({cfg.schedule.warmup_mode}) from "
           f"{o.base_lr if cfg.schedule.warmup_from == 'base_lr' else 0:g}")
+    for epoch, r in zip(cfg.schedule.batch_ramp_epochs, phase_batches(cfg, world)[1:]):
+        print(f"# batch ramp: from epoch {epoch}, global batch {r.global_batch} = {world} workers x {r.accum_steps} "
+              f"micro-batches x {r.micro_batch} samples; lr {cfg.schedule.batch_ramp_lr}")
     return 0
 
 
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("recipes", help="list the built-in recipes, one line each")
     listing.set_defaults(func=cmd_recipes)
     add_plan_command(commands)
+    add_report_command(commands)
     return parser
 
 

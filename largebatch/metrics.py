@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from largebatch.errors import ConfigError
 from largebatch.run_dir import write_text_atomic
 
 METRICS_NAME = "metrics.jsonl"
@@ -79,9 +80,25 @@ class RunLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run, in order."""
-    with open(Path(run_dir) / METRICS_NAME, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a run, in order. A line that is not a JSON object with a `kind` and a `step`
+    (say, one a crash cut short) raises ConfigError naming the file and the line number, since the
+    JSON parser's own message names neither."""
+    path = Path(run_dir) / METRICS_NAME
+    records = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
+                raise ConfigError(f"{path}, line {number}: not a JSON record ({e})") from None
+            if not isinstance(record, dict) or "kind" not in record or "step" not in record:
+                raise ConfigError(f"{path}, line {number}: a record needs a 'kind' and a 'step', got "
+                                  f"{line.strip()[:80]}")
+            records.append(record)
+    return records
 
 
 def progress_bar(total: int, enabled: bool, description: str) -> tqdm:
