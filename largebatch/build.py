@@ -20,6 +20,7 @@ from largebatch.data.verify import unreadable_images
 from largebatch.dist import Collectives, DistEnv, wrap_model
 from largebatch.dist.threads import choose_threads, usable_cores
 from largebatch.extensions import Extension, StepContext
+from largebatch.extensions.batch_ramp import NoiseScaleRamp
 from largebatch.extensions.consistency import RankConsistencyCheck
 from largebatch.extensions.grad_clip import GradClip
 from largebatch.extensions.kfac import KFAC, kfac_options
@@ -86,11 +87,14 @@ def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor
 
 
 def builtin_extensions(cfg: Config) -> list[Extension]:
-    """The extensions the config asks for: the noise scale, K-FAC, gradient clipping, trust-ratio logging, the
-    rank-consistency check."""
+    """The extensions the config asks for: the noise scale (and the batch ramp that follows it), K-FAC, gradient
+    clipping, trust-ratio logging, the rank-consistency check."""
     extensions: list[Extension] = []
     if cfg.run.noise_scale:  # first: it measures the gradient before anything rewrites it
-        extensions.append(NoiseScale(cfg.run.noise_scale_decay))
+        noise_scale = NoiseScale(cfg.run.noise_scale_decay)
+        extensions.append(noise_scale)
+        if cfg.schedule.batch_ramp_by_noise_scale:
+            extensions.append(NoiseScaleRamp(cfg, noise_scale))
     if cfg.optim.preconditioner == "kfac":  # first: clipping and logging see the preconditioned gradient
         extensions.append(KFAC(kfac_options(cfg.kfac)))
     if cfg.optim.clip_grad_norm > 0:

@@ -132,6 +132,11 @@ class ScheduleConfig:
                                                "grows, each to the matching batch_ramp_batches entry")
     batch_ramp_batches: tuple[int, ...] = plain((), "batch ramp: the global batch from each batch_ramp_epochs entry "
                                                 "on (growing; data.global_batch before the first)")
+    batch_ramp_by_noise_scale: bool = plain(False, "batch ramp driven by the measured noise scale: at each epoch end, "
+                                            "double the global batch while the doubled batch is <= B_simple (needs "
+                                            "run.noise_scale), up to batch_ramp_max")
+    batch_ramp_max: int = number(0, 0, help="the noise-scale ramp's largest global batch: data.global_batch x a power "
+                                 "of 2")
     batch_ramp_lr: str = choice("keep", ("keep", "scale"), "batch ramp: keep the schedule's lr at a batch change (the "
                                 "growth replaces a decay, as Smith et al.) or scale it to the new batch by optim.scaling")
 
@@ -457,6 +462,17 @@ def _validate_batch_ramp(cfg: Config) -> None:
     if epochs and (epochs[0] < 1 or epochs != sorted(set(epochs)) or epochs[-1] >= s.epochs):
         raise ConfigError(f"schedule.batch_ramp_epochs = {epochs}: must be strictly increasing whole epochs >= 1 and "
                           f"< schedule.epochs = {s.epochs:g}")
+    if s.batch_ramp_by_noise_scale:
+        g, top = cfg.data.global_batch, s.batch_ramp_max
+        if epochs:
+            raise ConfigError("schedule.batch_ramp_by_noise_scale = true decides the batch changes itself: leave "
+                              "schedule.batch_ramp_epochs and batch_ramp_batches empty")
+        if not cfg.run.noise_scale:
+            raise ConfigError("schedule.batch_ramp_by_noise_scale = true needs run.noise_scale = true (the estimate "
+                              "it follows)")
+        if top <= g or top % g or (top // g) & (top // g - 1):
+            raise ConfigError(f"schedule.batch_ramp_max = {top}: must be data.global_batch = {g} times a power of 2 "
+                              "(2, 4, 8, ...): the ramp doubles the batch")
     growing = [cfg.data.global_batch, *batches]
     if any(a >= b for a, b in zip(growing, growing[1:])):
         raise ConfigError(f"schedule.batch_ramp_batches = {batches}: each must be larger than the one before "

@@ -44,11 +44,23 @@ class Phase:
     lr_factor: float = 1.0
 
 
+def noise_ramp_batches(cfg: Config) -> tuple[int, ...]:
+    """The batches a ramp driven by the noise scale may grow to: data.global_batch doubled up to
+    schedule.batch_ramp_max (none without that ramp)."""
+    if not cfg.schedule.batch_ramp_by_noise_scale:
+        return ()
+    batches = [cfg.data.global_batch * 2]
+    while batches[-1] < cfg.schedule.batch_ramp_max:
+        batches.append(batches[-1] * 2)
+    return tuple(batches)
+
+
 def phase_batches(cfg: Config, world_size: int) -> tuple[BatchPlan, ...]:
-    """The split of each phase's global batch over `world_size` workers: data.global_batch, then each batch of
-    the ramp; a batch that does not split is a ConfigError naming its field."""
+    """The split over `world_size` workers of every global batch the run may train: data.global_batch, then
+    each batch of the ramp (fixed, or those the noise scale may choose); a batch that does not split is a
+    ConfigError naming its field."""
     plans = [plan_batches(cfg.data, world_size)]
-    for i, batch in enumerate(cfg.schedule.batch_ramp_batches):
+    for i, batch in enumerate(noise_ramp_batches(cfg) or cfg.schedule.batch_ramp_batches):
         try:
             plans.append(plan_batches(dataclasses.replace(cfg.data, global_batch=batch), world_size))
         except ConfigError as e:
@@ -56,44 +68,60 @@ def phase_batches(cfg: Config, world_size: int) -> tuple[BatchPlan, ...]:
     return tuple(plans)
 
 
-def run_phases(cfg: Config, world_size: int, train_samples: int) -> tuple[Phase, ...]:
-    """The run's batch phases: one, or with a batch ramp (`schedule.batch_ramp_epochs`/`_batches`, Smith et al.
-    2018) one more at each epoch where the global batch grows. Each phase's batch is split as
-    `plan_batches` splits data.global_batch; with `batch_ramp_lr = "scale"` each phase's lr follows the
-    scaling rule for its batch, with "keep" the schedule's lr carries on unchanged (the growth replaces a decay)."""
-    s, o = cfg.schedule, cfg.optim
-    all_batches = phase_batches(cfg, world_size)
-    first = all_batches[0]
-    phases, start_step = [], 0
-    starts = (0, *s.batch_ramp_epochs)
-    for i, (epoch, batches) in enumerate(zip(starts, all_batches)):
-        batch = batches.global_batch
-        steps_per_epoch = train_samples // batch
-        if steps_per_epoch < 1:
-            field = "data.global_batch" if i == 0 else f"schedule.batch_ramp_batches[{i - 1}]"
-            raise DatasetError(f"the training set has {train_samples} samples, fewer than one global batch of {batch} "
-                               f"({field})")
-        factor = 1.0 if s.batch_ramp_lr == "keep" else (scaled_lr(o.base_lr, batch, o.ref_batch, o.scaling)
-                                                        / scaled_lr(o.base_lr, first.global_batch, o.ref_batch,
-                                                                    o.scaling))
-        if i:
-            start_step += (epoch - starts[i - 1]) * phases[-1].steps_per_epoch
-        phases.append(Phase(epoch, start_step, batches, steps_per_epoch, factor))
-    return tuple(phases)
+def _phase(cfg: Config, epoch: int, start_step: int, batches: BatchPlan, train_samples: int, first_batch: int,
+           field: str) -> Phase:
+    """The phase that trains `batches` from `epoch` on; its lr factor follows `schedule.batch_ramp_lr`."""
+    o = cfg.optim
+    steps_per_epoch = train_samples // batches.global_batch
+    if steps_per_epoch < 1:
+        raise DatasetError(f"the training set has {train_samples} samples, fewer than one global batch of "
+                           f"{batches.global_batch} ({field})")
+    factor = 1.0
+    if cfg.schedule.batch_ramp_lr == "scale":
+        rate = lambda batch: scaled_lr(o.base_lr, batch, o.ref_batch, o.scaling)  # noqa: E731
+        factor = rate(batches.global_batch) / rate(first_batch)
+    return Phase(epoch, start_step, batches, steps_per_epoch, factor)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunPlan:
     """The derived numbers of one run at a given world size and training-set size: its batch phases (one
-    without a batch ramp) and the lr schedule, whose warmup and decay are in epochs."""
+    without a batch ramp) and the lr schedule, whose warmup and decay are in epochs.
+
+    The phases of a fixed ramp (`schedule.batch_ramp_epochs`/`_batches`, Smith et al. 2018) are known from
+    the config; a ramp driven by the noise scale adds them while training (`grow`), so the plan is the
+    one object every part reads them from."""
 
     phases: tuple[Phase, ...]
     schedule: LrSchedule
+    train_samples: int
+    ghost_bn_batch: int  # BN group size when any batch the run may train has groups smaller than its micro-batch
 
     @classmethod
     def build(cls, cfg: Config, world_size: int, train_samples: int) -> RunPlan:
-        phases = run_phases(cfg, world_size, train_samples)
-        return cls(phases, lr_schedule(cfg, phases[0].steps_per_epoch))
+        """One phase per global batch of the config: data.global_batch, then each of the fixed ramp's. Each
+        phase's batch is split as `plan_batches` splits data.global_batch; with `batch_ramp_lr = "scale"` each
+        phase's lr follows the scaling rule for its batch, with "keep" the schedule's lr carries on (the
+        growth replaces a decay)."""
+        all_batches = phase_batches(cfg, world_size)
+        first = all_batches[0].global_batch
+        phases = [_phase(cfg, 0, 0, all_batches[0], train_samples, first, "data.global_batch")]
+        for i, (epoch, batches) in enumerate(zip(cfg.schedule.batch_ramp_epochs, all_batches[1:])):
+            start_step = phases[-1].start_step + (epoch - phases[-1].start_epoch) * phases[-1].steps_per_epoch
+            phases.append(_phase(cfg, epoch, start_step, batches, train_samples, first,
+                                 f"schedule.batch_ramp_batches[{i}]"))
+        return cls(tuple(phases), lr_schedule(cfg, phases[0].steps_per_epoch), train_samples,
+                   max(b.ghost_bn_batch for b in all_batches))
+
+    def grow(self, cfg: Config, epoch: int, global_batch: int) -> Phase:
+        """Train `global_batch` from `epoch` on (after the last phase): add and return its phase."""
+        if epoch <= self.phases[-1].start_epoch:
+            raise ValueError(f"a new phase must start after epoch {self.phases[-1].start_epoch}, not at {epoch}")
+        batches = plan_batches(dataclasses.replace(cfg.data, global_batch=global_batch), self.batches.world_size)
+        phase = _phase(cfg, epoch, self.epoch_start(epoch), batches, self.train_samples, self.batches.global_batch,
+                       "the batch ramp")
+        self.phases = (*self.phases, phase)
+        return phase
 
     @property
     def batches(self) -> BatchPlan:
@@ -103,12 +131,6 @@ class RunPlan:
     @property
     def steps_per_epoch(self) -> int:
         return self.phases[0].steps_per_epoch
-
-    @property
-    def ghost_bn_batch(self) -> int:
-        """The ghost-BN group size the model needs: bn_batch if any phase takes BN over groups smaller than
-        its micro-batch, else 0."""
-        return max(p.batches.ghost_bn_batch for p in self.phases)
 
     @property
     def peak_lr(self) -> float:

@@ -184,6 +184,9 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             if env.is_main:
                 bar.write(f"epoch {progress.epoch}/{plan.total_epochs}  test loss {last_eval.loss:.4f}  "
                           f"test accuracy {100 * last_eval.accuracy:.2f}%  elapsed {elapsed:.1f}s")
+        for extension in state.extensions:
+            extension.on_epoch_end(progress.epoch)
+        bar.total = _last_step(state)  # a batch ramp driven by the noise scale changes it
         following = plan.phase_of_epoch(progress.epoch)
         if following.start_epoch == progress.epoch and following is not phase and not _finished(state):
             logger.log("ramp", progress.step, **_phase_record(following))  # before the checkpoint: logged once

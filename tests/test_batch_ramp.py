@@ -11,6 +11,7 @@ import largebatch
 from largebatch.checkpoint import load_checkpoint
 from largebatch.errors import ConfigError
 from largebatch.extensions import Extension
+from largebatch.gns import NoiseScaleAverage
 from largebatch.plan import RunPlan
 from multiproc import run_python, run_ranks
 from test_distributed import parameters, train_argv
@@ -129,3 +130,45 @@ def test_a_ramp_batch_that_does_not_split_over_the_workers_is_named_before_the_r
     with pytest.raises(ConfigError, match=r"schedule.batch_ramp_batches\[1\] = 128"):
         largebatch.run(cfg)
     assert not any(tmp_path.iterdir())
+
+
+NOISE_RAMP = {k: v for k, v in RAMP.items() if not k.startswith("schedule.batch_ramp")} | {
+    "schedule.epochs": 4, "run.noise_scale": True, "schedule.batch_ramp_by_noise_scale": True,
+    "schedule.batch_ramp_max": 128, "run.checkpoint": True}
+
+
+@pytest.fixture
+def b_simple_of_100(monkeypatch):
+    """The estimate pinned, so the ramp's decisions are known: 32 -> 64 (<= 100), never 128."""
+    monkeypatch.setattr(NoiseScaleAverage, "b_simple", property(lambda self: 100.0))
+
+
+def test_the_noise_scale_ramp_doubles_while_the_doubled_batch_is_within_b_simple(tmp_path, b_simple_of_100):
+    result, records = trained(tmp_path, NOISE_RAMP)
+    assert [r["global_batch"] for r in of_kind(records, "train")] == [32] * 8 + [64] * 4 * 3
+    assert [(r["epoch"], r["b_simple"], r["global_batch"], r["next_global_batch"])
+            for r in of_kind(records, "ramp_decision")] == [(1, 100.0, 32, 64), (2, 100.0, 64, 64), (3, 100.0, 64, 64)]
+    assert [(r["step"], r["global_batch"]) for r in of_kind(records, "ramp")] == [(8, 64)]
+    assert load_checkpoint(result.run_dir / "checkpoint.pt")["batch_ramp"] == {"changes": [[1, 64]]}
+
+
+def test_the_noise_scale_ramp_stops_at_its_largest_batch_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(NoiseScaleAverage, "b_simple", property(lambda self: 1e9))
+    whole, records = trained(tmp_path, NOISE_RAMP)
+    assert [r["global_batch"] for r in of_kind(records, "train")] == [32] * 8 + [64] * 4 + [128] * 2 * 2
+    first, _ = trained(tmp_path, NOISE_RAMP | {"run.stop_after_epochs": 2})
+    cfg = largebatch.load_config(overrides={"run.stop_after_epochs": 0}, resume_dir=first.run_dir)
+    assert largebatch.run(cfg, first.run_dir, resume=True).steps == whole.steps == 16
+    expected = load_checkpoint(whole.run_dir / "checkpoint.pt")["model"]
+    resumed = load_checkpoint(first.run_dir / "checkpoint.pt")["model"]
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"schedule.batch_ramp_max": 96}, "times a power of 2"),
+    ({"run.noise_scale": False}, "needs run.noise_scale"),
+    ({"schedule.batch_ramp_epochs": [1], "schedule.batch_ramp_batches": [64]}, "decides the batch changes itself"),
+])
+def test_a_bad_noise_scale_ramp_names_its_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config(NOISE_RAMP | overrides)

@@ -53,7 +53,8 @@ def attached(model: nn.Module, micro_batch: int, accum: int, decay: float = 0.9,
     batches = plan_batches(DataConfig(global_batch=micro_batch * accum, micro_batch=micro_batch, bn_batch=0), 1)
     env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                   backend=None)
-    plan = RunPlan((Phase(0, 0, batches, steps_per_epoch=1),), LrSchedule(peak_lr=0.0, steps_per_epoch=1, total_epochs=1))
+    plan = RunPlan((Phase(0, 0, batches, steps_per_epoch=1),), LrSchedule(peak_lr=0.0, steps_per_epoch=1, total_epochs=1),
+                   train_samples=batches.global_batch, ghost_bn_batch=0)
     ctx = StepContext(model, torch.optim.SGD(model.parameters(), lr=0.0), plan,
                       Collectives(env), log=lambda *a, **k: None, loss_scale=lambda: loss_scale)
     extension = NoiseScale(decay)

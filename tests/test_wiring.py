@@ -405,6 +405,25 @@ def schedule_batch_ramp_batches_are_the_new_batches():
         assert plan.total_steps == steps and plan.batches_at(steps - 1).global_batch == batches[0]
 
 
+NOISE_RAMP = {"schedule.epochs": 3, "run.noise_scale": True, "schedule.batch_ramp_by_noise_scale": True}
+
+
+@probe("schedule.batch_ramp_by_noise_scale")
+def schedule_batch_ramp_by_noise_scale_grows_the_batch_as_the_estimate_allows(tmp_path, monkeypatch):
+    monkeypatch.setattr(largebatch.gns.NoiseScaleAverage, "b_simple", property(lambda self: 1e9))
+    for by_noise, batches in ((False, [64] * 12), (True, [64] * 4 + [128] * 2 + [256] * 1)):
+        _, records = trained(tmp_path, NOISE_RAMP | {"schedule.batch_ramp_by_noise_scale": by_noise,
+                                                     "schedule.batch_ramp_max": 256 if by_noise else 0})
+        assert [r["global_batch"] for r in of_kind(records, "train")] == batches
+
+
+@probe("schedule.batch_ramp_max")
+def schedule_batch_ramp_max_caps_the_noise_scale_ramp(tmp_path, monkeypatch):
+    monkeypatch.setattr(largebatch.gns.NoiseScaleAverage, "b_simple", property(lambda self: 1e9))
+    _, records = trained(tmp_path, NOISE_RAMP | {"schedule.batch_ramp_max": 128})
+    assert [r["global_batch"] for r in of_kind(records, "train")] == [64] * 4 + [128] * 2 * 2
+
+
 @probe("schedule.epochs")
 def schedule_epochs_sets_the_length():
     for epochs, steps in ((4, 16), (2, 8)):

@@ -12,6 +12,8 @@ for every extension in the order they were given:
     on_gradients(step)                     read or rewrite p.grad: clipping, preconditioning, noise scale
     optimizer.step()
     after_step(step, applied)              applied: False when a non-finite loss skipped the update
+and at the end of each epoch, after its evaluation and before its checkpoint:
+    on_epoch_end(epochs_done)              e.g. a batch ramp deciding the next epoch's batch
 
 `log_values()` is merged into each "train" record of metrics.jsonl (and TensorBoard), once per
 logging window. `attach(ctx)` is called once, before training or restoring, with a `StepContext`:
@@ -68,6 +70,9 @@ class Extension:
         pass
 
     def after_step(self, step: int, applied: bool) -> None:
+        pass
+
+    def on_epoch_end(self, epochs_done: int) -> None:
         pass
 
     def log_values(self) -> dict[str, Any]:
