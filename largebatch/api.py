@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from largebatch import recipes
-from largebatch.config import Config, ConfigError, apply_overrides, config_from_dict, plan_batches
+from largebatch.config import Config, ConfigError, apply_overrides, config_from_dict
 from largebatch.gns import needs_micro_batches
 from largebatch.plan import phase_batches
 from largebatch.run_dir import (CONFIG_NAME, check_new_run_dir, create_run_dir, require_run, resolve_run_dir,
@@ -75,6 +75,16 @@ def check_data_path(cfg: Config) -> None:
         raise ConfigError(f"data.path = {cfg.data.path!r} does not exist")
 
 
+def check_launch(cfg: Config, world_size: int) -> None:
+    """What `run` checks of a config before anything starts, but for the device: every global batch the
+    run may train splits over `world_size` processes (with two micro-batches or more when the noise scale
+    is measured), and the dataset exists. Torch-free, so a sweep checks all its runs up front with it."""
+    for batches in phase_batches(cfg, world_size):
+        if cfg.run.noise_scale:
+            needs_micro_batches(batches.world_size * batches.accum_steps)
+    check_data_path(cfg)
+
+
 def check_device(cfg: Config) -> None:
     """What the config asks of the device must be there, before any run directory is made."""
     import torch
@@ -108,10 +118,7 @@ def run(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
         raise ConfigError("resume and overwrite exclude each other")
     if resume and run_dir is None:
         raise ConfigError("resume needs the run directory to continue")
-    for batches in phase_batches(cfg, launched_world_size()):
-        if cfg.run.noise_scale:
-            needs_micro_batches(batches.world_size * batches.accum_steps)
-    check_data_path(cfg)
+    check_launch(cfg, launched_world_size())
     check_device(cfg)
     run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
     if resume:

@@ -31,6 +31,12 @@ def step_checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pt"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a step checkpoint was written after, from its name; None for a plain checkpoint.pt."""
+    match = _STEP_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """The run's step checkpoints, newest first; a plain (not linked) checkpoint.pt of an older run last."""
     run_dir = Path(run_dir)

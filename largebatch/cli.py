@@ -1,4 +1,4 @@
-"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, bench, report).
+"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, bench, report, sweep).
 
 Options of the form `--section.field VALUE` (or `--section.field=VALUE`, `--optim.lars.mode VALUE`)
 override the recipe; everything is validated into a Config before a process group, a run directory
@@ -25,6 +25,7 @@ from largebatch.plan import peak_lr, phase_batches
 from largebatch.report import add_report_command
 from largebatch.run_dir import to_toml
 from largebatch.scaling.cli import add_plan_command
+from largebatch.sweep.command import add_sweep_command
 
 USAGE_NOTE = ("Any field of the recipe can be overridden as --section.field VALUE (lists as 30,60,80), e.g. "
               "--data.global_batch 4096 --optim.base_lr 0.2 --optim.lars.trust_coefficient 0.002. "
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_recipes)
     add_plan_command(commands)
     add_report_command(commands)
+    add_sweep_command(commands)
     return parser
 
 

@@ -26,18 +26,25 @@ def describe(path: Path) -> str:
     return ""
 
 
-def locate(name_or_path: str) -> Path:
-    """The TOML file of a recipe name, or the given path if it names a file."""
+def locate_toml(name_or_path: str, directory: Path, what: str) -> Path:
+    """The TOML file `name_or_path` names: one shipped in `directory` by its stem, or a path (anything
+    ending in .toml or holding a '/'); a missing one is a ConfigError listing the shipped `what`s."""
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = Path(name_or_path)
         if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
+            raise ConfigError(f"{what} file {path} does not exist")
         return path
-    path = RECIPE_DIR / f"{name_or_path}.toml"
+    path = directory / f"{name_or_path}.toml"
     if not path.is_file():
-        raise ConfigError(f"unknown recipe {name_or_path!r}: recipes are {', '.join(available())} "
-                          "(or give the path of a .toml file)")
+        shipped = ", ".join(p.stem for p in sorted(directory.glob("*.toml")))
+        raise ConfigError(f"unknown {what} {name_or_path!r}: the shipped {what}s are {shipped} (or give the path of "
+                          "a .toml file)")
     return path
+
+
+def locate(name_or_path: str) -> Path:
+    """The TOML file of a recipe name, or the given path if it names a file."""
+    return locate_toml(name_or_path, RECIPE_DIR, "recipe")
 
 
 def load(name_or_path: str) -> tuple[str, dict[str, Any]]:
