@@ -153,12 +153,6 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             progress.step += 1
             bar.update(1)
             stopped_by = signals.agreed(state.collectives)
-            mid_epoch = progress.step < plan.epoch_end(epoch)  # epoch ends save below, after evaluation
-            at_max_steps = progress.step >= _last_step(state)
-            if cfg.run.checkpoint and mid_epoch and (stopped_by or at_max_steps or cfg.run.checkpoint_every
-                                                     and progress.step % cfg.run.checkpoint_every == 0):
-                progress.elapsed_s = time.perf_counter() - run_start
-                saved = state.save(run_dir)
             if progress.step % cfg.run.log_every == 0:
                 seconds = time.perf_counter() - window.start
                 extra = {k: v for extension in state.extensions for k, v in extension.log_values().items()}
@@ -168,6 +162,13 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                            elapsed_s=time.perf_counter() - run_start, **window.comm_per_step(progress.step), **extra)
                 bar.set_postfix(loss=f"{window.mean_loss():.4f}", lr=f"{outcome.lr:.4g}")
                 window = _Window(time.perf_counter(), progress.step, comm)
+            # after the step's record: a kill between the two must not lose a record the checkpoint counts
+            mid_epoch = progress.step < plan.epoch_end(epoch)  # epoch ends save below, after evaluation
+            at_max_steps = progress.step >= _last_step(state)
+            if cfg.run.checkpoint and mid_epoch and (stopped_by or at_max_steps or cfg.run.checkpoint_every
+                                                     and progress.step % cfg.run.checkpoint_every == 0):
+                progress.elapsed_s = time.perf_counter() - run_start
+                saved = state.save(run_dir)
             if stopped_by or at_max_steps:
                 break
         if progress.step < plan.epoch_end(epoch):  # stopped by a signal or run.max_steps within the epoch

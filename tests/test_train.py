@@ -249,3 +249,23 @@ def test_a_run_without_checkpoints_keeps_its_records_when_it_fails(tmp_path):
     with pytest.raises(NonFiniteLossError):
         run(tmp_path, "nockpt", "--optim.base_lr", "1e30", "--schedule.warmup_epochs", "0", "--run.checkpoint", "false")
     assert [r["kind"] for r in read_metrics(tmp_path / "nockpt")][:2] == ["plan", "mlperf"]
+
+
+def test_a_step_checkpoint_is_written_after_the_steps_record(tmp_path, monkeypatch):
+    """A kill between the two must not leave a checkpoint that counts a step whose record was never written
+    (the resume would drop nothing and the record would be missing for good)."""
+    from largebatch.state import RunState
+
+    seen = []
+    save = RunState.save
+
+    def checked_save(self, run_dir):
+        if run_dir is not None:
+            last = read_metrics(run_dir)[-1]
+            seen.append((self.progress.step, last["kind"], last["step"]))
+        return save(self, run_dir)
+
+    monkeypatch.setattr(RunState, "save", checked_save)
+    run(tmp_path, "r", "--run.checkpoint_every", "1", "--run.log_every", "1", "--schedule.epochs", "1")
+    mid_epoch = [s for s in seen if s[0] % 4]
+    assert mid_epoch == [(step, "train", step) for step in (1, 2, 3)]
