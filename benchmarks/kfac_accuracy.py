@@ -6,7 +6,7 @@ as fmnist_kfac (4.5 epochs); reports after how many epochs K-FAC first reaches S
 `--part b`: at global batch 4096 and 16,384, K-FAC + SGD against SGD with linear scaling and warmup
 and against LARS (fmnist_lars16k), the same epochs for all, for each seed.
 
-    python benchmarks/kfac_accuracy.py [--part a|b] [--seeds 0 1] [--epochs 20]
+    python benchmarks/kfac_accuracy.py [--part a|b] [--seeds 0 1] [--epochs 20] [--batches 4096] [--methods kfac]
 
 Prints a table and writes benchmarks/results/kfac_accuracy_<part>.json; part b adds its rows to that
 file after every run, replacing a row of the same batch, seed and method, so seeds can be run apart.
@@ -31,7 +31,10 @@ def accuracies(recipe: str, overrides: dict) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory() as out:
         cfg = largebatch.load_config(recipe, overrides | {"run.out_dir": out, "run.name": "run",
                                                           "run.checkpoint": False, "run.progress": False})
-        records = read_metrics(largebatch.run(cfg).run_dir)
+        result = largebatch.run(cfg)
+        if result.stopped_by:  # a signal ended the run early: its accuracy is no row of the table
+            raise SystemExit(f"{recipe} stopped by {result.stopped_by} after {result.steps} steps")
+        records = read_metrics(result.run_dir)
     steps_per_epoch = next(r["steps_per_epoch"] for r in records if r["kind"] == "plan")
     return [(r["step"] / steps_per_epoch, r["test_accuracy"]) for r in records if r["kind"] == "epoch"]
 
@@ -51,7 +54,7 @@ def part_a(seeds: list[int]) -> dict:
     return {"part": "a", "rows": rows}
 
 
-def part_b(seeds: list[int], epochs: float, batches: list[int]) -> None:
+def part_b(seeds: list[int], epochs: float, batches: list[int], only: list[str]) -> None:
     path = RESULTS / "kfac_accuracy_b.json"
     earlier = json.loads(path.read_text()) if path.exists() else {"epochs": epochs, "rows": []}
     if earlier["epochs"] != epochs:
@@ -65,6 +68,8 @@ def part_b(seeds: list[int], epochs: float, batches: list[int]) -> None:
     for batch in batches:
         for seed in seeds:
             for name, (recipe, extra) in methods.items():
+                if name not in only:
+                    continue
                 overrides = {"data.global_batch": batch, "schedule.epochs": epochs, "run.seed": seed} | extra
                 accs = accuracies(recipe, overrides)
                 key = (batch, seed, name)
@@ -85,11 +90,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=float, default=20, help="part b: epochs of every run")
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384], help="part b: global batches")
+    parser.add_argument("--methods", nargs="+", choices=("sgd", "kfac", "lars"), default=["sgd", "kfac", "lars"],
+                        help="part b: methods to run (the others' rows in the JSON are kept)")
     args = parser.parse_args()
     if args.part == "a":
         write(RESULTS / "kfac_accuracy_a.json", part_a(args.seeds))
     else:
-        part_b(args.seeds, args.epochs, args.batches)
+        part_b(args.seeds, args.epochs, args.batches, args.methods)
 
 
 if __name__ == "__main__":
