@@ -260,6 +260,15 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
         sweep(str(grid), "--dry-run", "--only", "lars")
 
 
+@pytest.mark.parametrize("grid", ["quick", str(Path(__file__).parents[1] / "docs/results/fashion_mnist.toml")])
+def test_the_shipped_and_the_results_page_grids_plan(grid):
+    """Every run of the grids the README names is a valid config on one process (nothing runs)."""
+    from largebatch.sweep.grid import load_grid, plan_runs
+
+    runs = plan_runs(load_grid(grid))
+    assert runs and len({run.run_dir for run in runs}) == len(runs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A sweep, its results, and running it again.
 
