@@ -18,7 +18,7 @@ from typing import Any
 from largebatch import recipes
 from largebatch.api import (check_data_path, is_main_process, launched_world_size, load_config, load_for_auto_resume,
                             run)
-from largebatch.bench.comm import add_bench_command
+from largebatch.bench.command import add_bench_command
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
 from largebatch.errors import RankLostError, RanksDivergedError, RunInterrupted, UserError
 from largebatch.plan import peak_lr, phase_batches

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from largebatch import recipes
-from largebatch.api import check_data_path, check_device, is_main_process, launched_world_size, load_config
+from largebatch.api import (
+    check_data_path,
+    check_device,
+    is_main_process,
+    launched_world_size,
+    load_config,
+)
+from largebatch.bench.record import write_record
 from largebatch.config import Config, ConfigError, DistConfig, plan_batches
 
 if TYPE_CHECKING:
@@ -67,11 +72,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def add_bench_command(commands: argparse._SubParsersAction) -> None:
-    """`largebatch bench comm` (the only benchmark so far) in the sub-commands `commands`."""
-    bench = commands.add_parser("bench", help="measure what a setting costs on this machine",
-                                description="Measure what a setting costs on this machine.")
-    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+def add_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """`largebatch bench comm` in the sub-benchmarks `benchmarks`."""
     comm = benchmarks.add_parser(
         "comm", help="time DDP's gradient all-reduce over bucket sizes and comm hooks",
         description="Time what DDP's gradient communication costs per step for the model and micro-batch a "
@@ -183,13 +185,9 @@ def table(cfg: Config, grid: Grid, result: CommResult) -> str:
 def write_json(path: Path, cfg: Config, overrides: dict[str, Any], grid: Grid, result: CommResult,
                best: CommRow) -> None:
     """The table as JSON: what was measured (recipe, overrides, model, machine), every row, the best."""
-    import torch
-
     rows = [dataclasses.asdict(row) | {"buckets": len(row.bucket_bytes)} for row in result.rows]
-    record = {"benchmark": "bench_comm", "date": datetime.now().isoformat(timespec="seconds"),
-              "torch": torch.__version__, "recipe": cfg.recipe, "overrides": overrides, "model": cfg.model.name,
-              "first_bucket_cap_mb": cfg.dist.first_bucket_cap_mb, "warmup": grid.warmup, "repeats": grid.repeats,
-              **{k: v for k, v in dataclasses.asdict(result).items() if k != "rows"},
-              "rows": rows, "best": rows[result.rows.index(best)], "best_overrides": best_overrides(best)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(path, "bench_comm", {
+        "recipe": cfg.recipe, "overrides": overrides, "model": cfg.model.name,
+        "first_bucket_cap_mb": cfg.dist.first_bucket_cap_mb, "warmup": grid.warmup, "repeats": grid.repeats,
+        **{k: v for k, v in dataclasses.asdict(result).items() if k != "rows"},
+        "rows": rows, "best": rows[result.rows.index(best)], "best_overrides": best_overrides(best)})

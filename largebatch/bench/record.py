@@ -1,0 +1,33 @@
+"""What every `largebatch bench` result carries: the machine and software that measured it, and when.
+
+A figure without its machine is not comparable with anything, so each sub-benchmark writes its rows
+through :func:`write_record`, which puts this header in front of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """The measuring machine: CPU, cores torch may use, GPU (if any), Python and torch versions, and now."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None}
+
+
+def write_record(path: Path, benchmark: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Write `body` as JSON at `path` under the benchmark's name and the machine header; returns the record."""
+    record = {"benchmark": benchmark, "machine": machine(), **body}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
