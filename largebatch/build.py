@@ -86,6 +86,14 @@ def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor
     return place
 
 
+def compiled_for_training(cfg: Config, model: nn.Module) -> nn.Module:
+    """What the training step calls: `model` (DDP-wrapped or not) through torch.compile when model.compile is
+    set (around DDP, so that its optimizer splits the graph at the gradient buckets); the module itself
+    otherwise. Checkpoints and evaluation keep using the plain module, so the saved names do not change."""
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    return torch.compile(model) if cfg.model.compile else model
+
+
 def builtin_extensions(cfg: Config) -> list[Extension]:
     """The extensions the config asks for: the noise scale (and the batch ramp that follows it), K-FAC, gradient
     clipping, trust-ratio logging, the rank-consistency check."""
@@ -118,7 +126,7 @@ def build_run(cfg: Config, env: DistEnv, run_dir: Path | None, extensions: Seque
     plan = RunPlan.build(cfg, env.world_size, len(splits.train))
     sampler = GlobalBatchSampler(len(splits.train), plan.batches, env.rank, cfg.run.seed)
     model = build_network(cfg, splits, env.device, plan.ghost_bn_batch)
-    ddp_model = wrap_model(model, env, cfg.dist)
+    ddp_model = compiled_for_training(cfg, wrap_model(model, env, cfg.dist))
     optimizer = build_optimizer_for(cfg, model, lr=plan.lr(0))
     all_extensions = [*builtin_extensions(cfg), *extensions]
     state = RunState(

@@ -66,6 +66,8 @@ class ModelConfig:
     bn_momentum: float = number(0.1, 0.0, 1.0, help="BN running-statistics momentum (torch's convention)")
     bn_eps: float = number(1e-5, 0.0, lo_open=True, help="BN epsilon")
     channels_last: bool = plain(False, "NHWC memory format for weights and inputs")
+    compile: bool = plain(False, "torch.compile the model for training (inductor: fused kernels; the first steps "
+                          "compile); not with optim.preconditioner = 'kfac', whose layer hooks it would trace")
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,12 @@ class RunConfig:
     noise_scale_decay: float = number(0.95, 0.0, 1.0, hi_open=True, help="moving-average decay of the noise-scale "
                                       "estimates, per step")
     on_nonfinite: str = choice("stop", ("stop", "skip"), "what a NaN/inf global loss does")
+    loss_sync: str = choice("step", ("step", "log"), "step: read the global loss on the host every step (what "
+                            "on_nonfinite = 'skip' needs); log: keep it on the device and check it once per log "
+                            "interval and before every checkpoint and evaluation, naming the first non-finite step "
+                            "(one host sync per run.log_every steps instead of one per step; with 'stop' only)")
+    cudnn_benchmark: bool = plain(False, "let cuDNN time its convolution algorithms for the run's shapes and keep "
+                                  "the fastest (GPU; nothing on CPU)")
     progress: bool = plain(True, "progress bar on rank 0")
 
 
@@ -439,6 +447,12 @@ def validate_relations(cfg: Config) -> None:
         raise ConfigError(f"optim.lamb.betas = {list(betas)}: must be two numbers in [0, 1)")
     _validate_kfac(cfg.kfac)
     _validate_batch_ramp(cfg)
+    if cfg.run.loss_sync == "log" and cfg.run.on_nonfinite == "skip":
+        raise ConfigError("run.loss_sync = 'log' finds a non-finite loss only after the step is applied, so it cannot "
+                          "skip it: use run.on_nonfinite = 'stop', or run.loss_sync = 'step'")
+    if cfg.model.compile and cfg.optim.preconditioner == "kfac":
+        raise ConfigError("model.compile = true would trace K-FAC's layer hooks (optim.preconditioner = 'kfac'): "
+                          "turn one of them off")
     if cfg.run.stop_at_target and cfg.run.target_accuracy == 0:
         raise ConfigError("run.stop_at_target = true needs run.target_accuracy > 0 (the accuracy to stop at)")
     d = cfg.data

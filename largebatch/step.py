@@ -4,7 +4,8 @@ A step consumes exactly `global_batch` samples: each of `world_size` workers run
 micro-batches, each loss is divided by `accum_steps`, and DDP averages over workers, so the applied
 gradient is the mean over all kn samples (Goyal et al. §2.1) whatever the split. Gradients
 synchronise only on the last micro-batch. The global loss is summed over ranks every step: a
-non-finite one skips the update identically on every rank.
+non-finite one skips the update identically on every rank. With `run.loss_sync = "log"` the loss
+stays on the device (no host sync in the step) and the trainer checks it for NaN/inf later.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from largebatch.state import RunState
 @dataclass(frozen=True)
 class StepOutcome:
     lr: float
-    loss: float  # mean loss over the global batch
-    applied: bool  # False when a non-finite loss skipped the update
+    loss: float | torch.Tensor  # mean loss over the global batch; a 0-dim device tensor under loss_sync = "log"
+    applied: bool  # False when a non-finite loss skipped the update (always True under loss_sync = "log")
 
 
 class TrainStep:
@@ -32,6 +33,7 @@ class TrainStep:
     def __init__(self, state: RunState):
         self.state = state
         self.extensions = tuple(state.extensions)
+        self.loss_on_host = state.cfg.run.loss_sync == "step"
 
     def __call__(self, micro_batches: Iterator, step: int) -> StepOutcome:
         s = self.state
@@ -60,8 +62,10 @@ class TrainStep:
             for extension in self.extensions:
                 extension.after_backward(step, i, micro_loss)
 
-        global_loss = s.collectives.all_reduce_sum(loss_sum).item() / s.env.world_size
-        applied = math.isfinite(global_loss)
+        global_loss = s.collectives.all_reduce_sum(loss_sum) / s.env.world_size
+        if self.loss_on_host:
+            global_loss = global_loss.item()
+        applied = not self.loss_on_host or math.isfinite(global_loss)
         if applied:
             s.scaler.unscale_(s.optimizer)  # a no-op unless fp16 loss scaling is on
             for extension in self.extensions:

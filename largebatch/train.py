@@ -149,11 +149,14 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                 progress.skipped_steps += 1
                 logger.log("skip", progress.step, loss=outcome.loss, lr=outcome.lr)
             else:
-                window.add(outcome.loss)
+                window.add(progress.step, outcome.loss)
             progress.step += 1
             bar.update(1)
-            stopped_by = signals.agreed(state.collectives)
-            if progress.step % cfg.run.log_every == 0:
+            at_log = progress.step % cfg.run.log_every == 0
+            if step.loss_on_host or at_log or progress.step >= min(plan.epoch_end(epoch), _last_step(state)):
+                window.settle()  # one host sync here under run.loss_sync = "log"
+                stopped_by = signals.agreed(state.collectives)
+            if at_log:
                 seconds = time.perf_counter() - window.start
                 extra = {k: v for extension in state.extensions for k, v in extension.log_values().items()}
                 batch = phase.batches.global_batch
@@ -167,6 +170,7 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
             at_max_steps = progress.step >= _last_step(state)
             if cfg.run.checkpoint and mid_epoch and (stopped_by or at_max_steps or cfg.run.checkpoint_every
                                                      and progress.step % cfg.run.checkpoint_every == 0):
+                window.settle()  # never a checkpoint of weights a non-finite step has reached
                 progress.elapsed_s = time.perf_counter() - run_start
                 saved = state.save(run_dir)
             if stopped_by or at_max_steps:
@@ -228,11 +232,30 @@ class _Window:
     """Loss, throughput and gradient bytes sent over the steps since the last log line."""
 
     def __init__(self, start: float, step: int, comm: CommStats | None):
-        self.start, self.first_step, self.losses, self.comm = start, step, [], comm
+        self.start, self.first_step, self.comm = start, step, comm
+        self.steps: list[int] = []
+        self.losses: list[float | torch.Tensor] = []  # device tensors until settled (run.loss_sync = "log")
         self.sent = (comm.bytes_sent, comm.inter_node_bytes) if comm else (0, 0)
 
-    def add(self, loss: float) -> None:
+    def add(self, step: int, loss: float | torch.Tensor) -> None:
+        self.steps.append(step)
         self.losses.append(loss)
+
+    def settle(self) -> None:
+        """Bring the losses still on the device to the host in one transfer, and stop at the first
+        non-finite one with its step: under run.loss_sync = "log" the step could not look at it."""
+        pending = [i for i, loss in enumerate(self.losses) if isinstance(loss, torch.Tensor)]
+        if not pending:
+            return
+        values = torch.stack([self.losses[i] for i in pending]).tolist()
+        for i, value in zip(pending, values):
+            self.losses[i] = value
+        bad = next((i for i in pending if not math.isfinite(self.losses[i])), None)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"non-finite loss {self.losses[bad]} at step {self.steps[bad]}, found after step {self.steps[-1]} "
+                f"(run.loss_sync = 'log' checks once per log interval; the weights are past that step, no checkpoint "
+                f"holds them)")
 
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else math.nan
