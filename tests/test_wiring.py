@@ -966,6 +966,34 @@ def run_progress_shows_the_bar(tmp_path, capsys):
         assert ("train:" in capsys.readouterr().err) is progress
 
 
+@probe("run.loss_sync")
+def run_loss_sync_keeps_the_loss_on_the_device_and_checks_it_at_the_log_interval(tmp_path):
+    for sync, kind in (("step", float), ("log", torch.Tensor)):
+        state = built({"run.loss_sync": sync})
+        micro_batches = (state.splits.train.__getitems__(indices) for indices in state.sampler)
+        assert isinstance(TrainStep(state)(micro_batches, 0).loss, kind)
+    diverging = {"optim.base_lr": 1e30, "schedule.warmup_epochs": 0, "run.log_every": 4}
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \(epoch 0\)"):
+        trained(tmp_path, diverging | {"run.loss_sync": "step"})
+    with pytest.raises(NonFiniteLossError, match=r"at step 1, found after step 3 \(run.loss_sync = 'log'"):
+        trained(tmp_path, diverging | {"run.loss_sync": "log"})
+
+
+@probe("run.cudnn_benchmark")
+def run_cudnn_benchmark_sets_cudnns_algorithm_search():
+    for benchmark in (True, False):
+        built({"run.cudnn_benchmark": benchmark})
+        assert torch.backends.cudnn.benchmark is benchmark
+
+
+@probe("model.compile")
+def model_compile_trains_through_torch_compile():
+    for compile_ in (False, True):
+        state = built({"model.compile": compile_})
+        assert isinstance(state.ddp_model, torch._dynamo.eval_frame.OptimizedModule) is compile_
+        assert state.ddp_model is not state.model if compile_ else state.ddp_model is state.model
+
+
 # ---------------------------------------------------------------------------------------------------
 # K-FAC: each field's effect on the preconditioner, seen over a few real training steps.
 
