@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from largebatch.bench import comm
+from largebatch.bench import comm, model
 
-SUB_BENCHMARKS = (comm,)
+SUB_BENCHMARKS = (comm, model)
 
 
 def add_bench_command(commands: argparse._SubParsersAction) -> None:
