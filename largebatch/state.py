@@ -85,7 +85,8 @@ class RunState:
     plan: RunPlan
     splits: DataSplits
     model: nn.Module  # the model itself: state dicts, evaluation, module hooks
-    ddp_model: nn.Module  # what the step runs forward through (the model at world size 1)
+    ddp_model: nn.Module  # what the step runs forward through: DDP's wrapper (the model at world size 1), compiled
+    # when model.compile is set
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     sampler: GlobalBatchSampler
