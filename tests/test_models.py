@@ -122,11 +122,15 @@ def test_ghost_model_equals_model_run_per_chunk(name: str) -> None:
 
 
 def _reference_ghost_bn(x, weight, bias, bn_batch, eps):
-    """Independent reference: plain F.batch_norm on each chunk, one chunk at a time."""
-    chunks = [
-        F.batch_norm(chunk, None, None, weight, bias, training=True, eps=eps)
-        for chunk in x.split(bn_batch)
-    ]
+    """Independent reference: the BN formula written out on each chunk, one chunk at a time."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    chunks = []
+    for chunk in x.split(bn_batch):
+        mean = chunk.mean(dims, keepdim=True)
+        y = (chunk - mean) / torch.sqrt(((chunk - mean) ** 2).mean(dims, keepdim=True) + eps)
+        y = y * weight.view(shape) if weight is not None else y
+        chunks.append(y + bias.view(shape) if bias is not None else y)
     return torch.cat(chunks)
 
 
@@ -336,3 +340,21 @@ def test_zero_init_residual_noop_without_blocks(name: str) -> None:
     model = build_model(name, num_classes=10, in_channels=1, image_size=28, zero_init_residual=True)
     assert zero_init_last_bn_gamma(model) == 0
     assert all((bn.weight == 1).all() for bn in _bn_layers(model))
+
+
+@pytest.mark.parametrize("channels_last, dtype, affine", [(True, torch.float32, True), (False, torch.bfloat16, True),
+                                                          (True, torch.float32, False)])
+def test_ghost_bn_keeps_layout_and_dtype_and_matches_the_reference(channels_last, dtype, affine) -> None:
+    """The per-group native kernels take channels_last and bf16 inputs (autocast) and affine=False layers."""
+    torch.manual_seed(0)
+    bn = GhostBatchNorm2d(6, bn_batch=4, affine=affine)
+    x = torch.randn(12, 6, 5, 5) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = bn(x.to(dtype))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    w = bn.weight.detach().double() if affine else None
+    b = bn.bias.detach().double() if affine else None
+    ref = _reference_ghost_bn(x.to(dtype).double(), w, b, 4, 1e-5)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tolerance, atol=tolerance)

@@ -46,39 +46,31 @@ class _GhostBatchNorm:
     def _ghost_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise each of the G = N / bn_batch chunks with its own batch statistics.
 
-        The input is viewed as [G, bn_batch, C, *spatial]; statistics reduce over every dim but
-        the group and channel dims. Computation happens in at least float32 (like the native
-        kernels) and the result is cast back to the input dtype.
+        Each chunk (a contiguous slice along the batch, in NCHW and channels_last alike) goes through
+        the native BN kernel, whose forward and backward each read it in fused passes; the outputs
+        are concatenated. Measured on CPU (`largebatch bench bn`), this costs close to plain BN over the
+        whole micro-batch, where normalising a [G, bn_batch, C, ...] view with var_mean and
+        elementwise ops cost about 4x it (each op a pass, and autograd keeps their intermediates).
+        The kernels compute in at least float32 and return the input's dtype (bf16 under autocast).
         """
-        groups, channels = x.shape[0] // self.bn_batch, x.shape[1]
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        xg = x.reshape(groups, self.bn_batch, *x.shape[1:]).to(compute_dtype)
-        reduce_dims = (1, *range(3, xg.dim()))
-        count = xg.numel() // (groups * channels)  # values per channel per group
+        count = x[: self.bn_batch].numel() // x.shape[1]  # values per channel per group
         if count < 2:
             raise ValueError(
                 f"GhostBatchNorm: expected more than 1 value per channel per group, got input "
                 f"shape {list(x.shape)} with bn_batch={self.bn_batch}"
             )
-        var, mean = torch.var_mean(xg, dim=reduce_dims, correction=0, keepdim=True)
-
+        outputs, means, invstds = zip(*(
+            torch.native_batch_norm(chunk, self.weight, self.bias, None, None, True, 0.0, self.eps)
+            for chunk in x.split(self.bn_batch)
+        ))
         if self.track_running_stats:
+            mean, invstd = torch.stack(means).detach(), torch.stack(invstds).detach()
+            var = invstd.double().pow(-2).sub(self.eps).clamp(min=0).to(mean.dtype)  # biased, from 1/sqrt(var + eps)
             self._update_running_stats(mean, var * (count / (count - 1)))
-
-        # y = (x - mean) / sqrt(var + eps) * w + b, folded into one scale and one shift per
-        # (group, channel) so autograd keeps a single full-size intermediate.
-        affine_shape = (1, 1, channels) + (1,) * (xg.dim() - 3)
-        scale = torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.weight is not None:
-            weight = self.weight.to(compute_dtype).view(affine_shape)
-            scale, shift = scale * weight, shift * weight
-        if self.bias is not None:  # None for affine=False (or, on newer torch, bias=False)
-            shift = shift + self.bias.to(compute_dtype).view(affine_shape)
-        return (xg * scale + shift).reshape(x.shape).to(x.dtype)
+        return torch.cat(outputs)
 
     def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """One update per forward with the group-averaged mean and unbiased variance.
+        """One update per forward with the group-averaged mean and unbiased variance ([G, C] each).
 
         Uses the module momentum like ``nn.BatchNorm``; ``momentum=None`` gives the cumulative
         average 1 / num_batches_tracked.
@@ -89,8 +81,8 @@ class _GhostBatchNorm:
                 factor = 1.0 / float(self.num_batches_tracked)
             else:
                 factor = self.momentum
-            new_mean = mean.mean(dim=0).flatten().to(self.running_mean.dtype)
-            new_var = unbiased_var.mean(dim=0).flatten().to(self.running_var.dtype)
+            new_mean = mean.mean(dim=0).to(self.running_mean.dtype)
+            new_var = unbiased_var.mean(dim=0).to(self.running_var.dtype)
             self.running_mean.lerp_(new_mean, factor)
             self.running_var.lerp_(new_var, factor)
 
