@@ -260,7 +260,8 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
         sweep(str(grid), "--dry-run", "--only", "lars")
 
 
-@pytest.mark.parametrize("grid", ["quick", str(Path(__file__).parents[1] / "docs/results/fashion_mnist.toml")])
+@pytest.mark.parametrize("grid", ["quick", *(str(Path(__file__).parents[1] / "docs/results" / name)
+                                   for name in ("fashion_mnist.toml", "fashion_mnist_ramp.toml"))])
 def test_the_shipped_and_the_results_page_grids_plan(grid):
     """Every run of the grids the README names is a valid config on one process (nothing runs)."""
     from largebatch.sweep.grid import load_grid, plan_runs
