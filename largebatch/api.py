@@ -105,6 +105,9 @@ def check_device(cfg: Config) -> None:
     if cfg.dist.backend == "nccl" and not cuda:
         raise ConfigError(f"dist.backend = 'nccl' needs a GPU, and dist.device = {cfg.dist.device!r} runs on the "
                           "CPU here; use 'gloo' or 'auto'")
+    if getattr(getattr(cfg.optim, cfg.optim.name), "impl", None) == "fused" and cuda:
+        raise ConfigError(f"optim.{cfg.optim.name}.impl = 'fused' is a CPU kernel, and dist.device = "
+                          f"{cfg.dist.device!r} trains on a GPU here; use 'foreach' or 'compiled'")
 
 
 def run(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,

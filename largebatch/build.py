@@ -49,7 +49,7 @@ def build_data(cfg: Config, collectives: Collectives | None = None,
                        synthetic_classes=d.synthetic_classes, synthetic_train=d.synthetic_train,
                        synthetic_test=d.synthetic_test, seed=cfg.run.seed, image_size=d.image_size,
                        on_bad_image=d.on_bad_image, check_images=check_images,
-                       image_check_record=image_check_record)
+                       image_check_record=image_check_record, verify=d.verify)
 
 
 def build_network(cfg: Config, splits: DataSplits, device: torch.device, ghost_bn_batch: int = 0) -> nn.Module:

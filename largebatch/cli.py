@@ -1,4 +1,5 @@
-"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, bench, report, sweep).
+"""Command-line entry points: `largebatch train | gns | eval | config | recipes` (and plan, prepare, bench, report,
+sweep).
 
 Options of the form `--section.field VALUE` (or `--section.field=VALUE`, `--optim.lars.mode VALUE`)
 override the recipe; everything is validated into a Config before a process group, a run directory
@@ -22,6 +23,7 @@ from largebatch.bench.command import add_bench_command
 from largebatch.config import ConfigError, describe_fields, parse_override_value, plan_batches
 from largebatch.errors import RankLostError, RanksDivergedError, RunInterrupted, UserError
 from largebatch.plan import peak_lr, phase_batches
+from largebatch.prepare_command import add_prepare_command
 from largebatch.report import add_report_command
 from largebatch.run_dir import to_toml
 from largebatch.scaling.cli import add_plan_command
@@ -218,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("recipes", help="list the built-in recipes, one line each")
     listing.set_defaults(func=cmd_recipes)
     add_plan_command(commands)
+    add_prepare_command(commands)
     add_report_command(commands)
     add_sweep_command(commands)
     return parser

@@ -24,7 +24,7 @@ from largebatch.optim.registry import LARS_MODES, OPTIMIZERS
 
 # Allowed values are spelled here rather than imported from the component modules so that a recipe can
 # be validated (and `largebatch recipes` listed) without importing torch; tests check both lists agree.
-DATA_SOURCES = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
+DATA_SOURCES = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "prepared", "synthetic")
 AUGMENTS = ("auto", "none", "flip", "crop_flip", "imagenet")
 MODEL_NAMES = ("small_cnn", "resnet20", "resnet56", "resnet18", "resnet50", "alexnet_bn")
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
@@ -48,9 +48,11 @@ class DataConfig:
     bn_batch: int = number(32, 0, help="n: samples per BN statistics group; 0: the whole micro-batch")
     eval_batch: int = number(1000, 1, help="samples per evaluation forward pass")
     workers: int = number(0, 0, help="DataLoader worker processes per rank")
-    image_size: int = number(224, 8, help="folder: training and evaluation crop, in px")
+    image_size: int = number(224, 8, help="folder, prepared jpeg: training and evaluation crop, in px")
     on_bad_image: str = choice("stop", ("stop", "skip"), "folder: an unreadable image stops before step 1, or is left "
                                "out and counted")
+    verify: str = choice("sha256", ("sha256", "size"), "prepared: check every data file's sha256 against the index "
+                         "(reads the data set once per run), or only that each is there with its size")
     synthetic_shape: tuple[int, ...] = plain((3, 32, 32), "synthetic images: [channels, height, width]")
     synthetic_classes: int = number(10, 2, help="synthetic: number of classes")
     synthetic_train: int = number(1024, 1, help="synthetic: training samples")
@@ -415,10 +417,22 @@ def describe_fields() -> str:
     return "\n".join(lines)
 
 
+def upgrade_saved(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` (a parsed config file) with the fields of earlier largebatch versions in today's terms, so that
+    run directories saved before a rename still resume, evaluate and report: `optim.lars.compiled` and
+    `optim.lamb.compiled` (true/false) became `optim.<name>.impl` ("compiled"/the default)."""
+    for name in ("lars", "lamb"):
+        table = tree.get("optim", {}).get(name)
+        if isinstance(table, dict) and "compiled" in table:
+            if table.pop("compiled") is True:
+                table.setdefault("impl", "compiled")
+    return tree
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return upgrade_saved(tomllib.load(f))
     except FileNotFoundError:
         raise ConfigError(f"recipe file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
@@ -456,7 +470,7 @@ def validate_relations(cfg: Config) -> None:
     if cfg.run.stop_at_target and cfg.run.target_accuracy == 0:
         raise ConfigError("run.stop_at_target = true needs run.target_accuracy > 0 (the accuracy to stop at)")
     d = cfg.data
-    if d.source in ("npz", "idx", "cifar10", "cifar100", "folder") and not d.path:
+    if d.source in ("npz", "idx", "cifar10", "cifar100", "folder", "prepared") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")
     if d.source == "synthetic" and (len(d.synthetic_shape) != 3 or min(d.synthetic_shape) < 1):
         raise ConfigError(f"data.synthetic_shape = {list(d.synthetic_shape)}: must be [channels, height, width], "

@@ -99,12 +99,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False, extens
 
 def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, signals: StopSignals) -> TrainResult:
     cfg, env, plan, progress, logger = state.cfg, state.env, state.plan, state.progress, state.logger
-    # The loader draws its workers' base seed from its own generator, not from the global one that the
-    # augmentations use: otherwise starting an epoch's iterator mid-epoch (a resume) would shift them.
-    train_loader = torch.utils.data.DataLoader(
-        state.splits.train, batch_sampler=state.sampler, collate_fn=collate_batch, num_workers=cfg.data.workers,
-        pin_memory=env.device.type == "cuda", persistent_workers=False,
-        generator=torch.Generator().manual_seed(cfg.run.seed + env.rank))
+    train_loader = make_train_loader(state.splits.train, state.sampler, cfg.data.workers, env.device,
+                                     cfg.run.seed + env.rank)
     test_loader = eval_loader(state.splits.test, cfg.data.eval_batch, env, cfg.data.workers)
     b = plan.batches
     train_size = len(state.splits.train)
@@ -207,6 +203,20 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                         stopped_at_target=progress.step < _last_step(state) and _finished(state))
     return TrainResult(run_dir, last_eval, progress.epoch, progress.step, progress.skipped_steps, wall_s,
                        progress.time_to_accuracy_s, resumed_from, stopped_by=stopped_by, checkpoint=saved)
+
+
+def make_train_loader(dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sampler, workers: int,
+                      device: torch.device, seed: int) -> torch.utils.data.DataLoader:
+    """The training DataLoader (`largebatch bench data` times this very one): whole micro-batches from the
+    dataset's `__getitems__`, in pinned memory when they go to a GPU; `workers` worker processes, each
+    prefetching torch's default 2 batches ahead. They start anew each epoch, seeded from the loader's own
+    generator (seeded with `seed`), not from the global one that the augmentations use: so an epoch's
+    augmentations are the same whether it follows the previous epoch or a resume (persistent workers would
+    carry their random state over from epochs a resumed run never ran)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_batch, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed))
 
 
 def _phase_record(phase: Phase) -> dict[str, float]:

@@ -38,3 +38,26 @@ def test_each_trainer_row_switches_on_its_fields_and_all_of_them_together():
     assert on(trainer_overrides(cpu, "compile")) == {"model.compile"}
     assert on(trainer_overrides(cpu, "all")) == fast - {"run.cudnn_benchmark"}
     assert on(trainer_overrides(Workload("resnet50", 224, 3, 1000, 8, "bf16", "cuda"), "all")) == fast
+
+
+def test_bench_bn_times_ghost_bn_and_micro_batches_of_n_against_plain_bn(tmp_path, capsys):
+    out = tmp_path / "bn.json"
+    assert main(["bench", "bn", "--model", "small_cnn", "--image-size", "16", "--micro-batch", "16", "--bn-batch",
+                 "4", "--steps", "1", "--repeats", "1", "--warmup", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["name"] for r in record["rows"]] == ["plain BN over 16", "ghost BN 4 in 16", "micro-batches of 4"]
+    assert record["rows"][0]["ratio_to_plain_bn"] == 1.0 and "x plain BN" in capsys.readouterr().out
+    assert main(["bench", "bn", "--micro-batch", "16", "--bn-batch", "5"]) == 2
+
+
+def test_bench_bn_rows_train_with_their_bn_groups():
+    """Each row's step really normalises over its groups: the model's ghost layers and the plan say so."""
+    from largebatch.api import load_config
+    from largebatch.bench.model import Workload, trainer_overrides
+    from largebatch.plan import RunPlan
+
+    w = Workload("small_cnn", 16, 1, 10, 16, "fp32", "cpu")
+    for fields, (micro, bn) in (({"data.bn_batch": 0}, (16, 16)), ({"data.bn_batch": 4}, (16, 4)),
+                                ({"data.bn_batch": 0, "data.micro_batch": 4}, (4, 4))):
+        plan = RunPlan.build(load_config("fmnist_goyal", trainer_overrides(w, "plain") | fields), 1, 16)
+        assert (plan.batches.micro_batch, plan.batches.bn_batch) == (micro, bn)

@@ -191,4 +191,14 @@ def test_each_optimizer_has_its_own_options_with_one_default():
     # The constructors' defaults are the registry's.
     assert inspect.signature(LARS).parameters["eps"].default == cfg.optim.lars.eps
     assert inspect.signature(LAMB).parameters["eps"].default == cfg.optim.lamb.eps
-    assert load_config("fmnist_goyal", {"optim.lars.compiled": True}).optim.lars.compiled
+    assert load_config("fmnist_goyal", {"optim.lars.impl": "fused"}).optim.lars.impl == "fused"
+
+
+@pytest.mark.parametrize("compiled, impl", [(True, "compiled"), (False, "foreach")])
+def test_a_config_saved_with_the_former_compiled_flag_still_loads(tmp_path, compiled, impl):
+    """Run directories written before optim.<name>.compiled became optim.<name>.impl resume and evaluate."""
+    saved = tmp_path / "config.toml"
+    flag = str(compiled).lower()
+    saved.write_text(f'[optim]\nname = "lars"\n[optim.lars]\ncompiled = {flag}\n[optim.lamb]\ncompiled = {flag}\n')
+    cfg = load_config(str(saved))
+    assert cfg.optim.lars.impl == impl and cfg.optim.lamb.impl == impl

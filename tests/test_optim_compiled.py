@@ -30,7 +30,7 @@ def compiled_graphs() -> int:
 def test_compiled_lars_matches_reference(case):
     net, opt = run_opt(lambda gs: LARS(gs, lr=LRS[0], momentum=0.9, weight_decay=case["wd"],
                                        trust_coefficient=case.get("eta", 0.02), nesterov=case["nesterov"],
-                                       mode=case["mode"], compiled=True),
+                                       mode=case["mode"], impl="compiled"),
                        exclude=case["exclude"], wd=case["wd"], lrs=LRS)
     assert compiled_graphs() == len(opt.param_groups)  # one graph per group, none recompiled for a new lr
     assert_same_params(net, ref_lars(lrs=LRS, **case))
@@ -48,7 +48,7 @@ def test_compiled_lars_matches_reference(case):
 ], ids=["excluded", "clipped"])
 def test_compiled_lamb_matches_reference(case):
     net, opt = run_opt(lambda gs: LAMB(gs, lr=LAMB_LRS[0], weight_decay=case["wd"], trust_clip=case["trust_clip"],
-                                       compiled=True),
+                                       impl="compiled"),
                        exclude=case["exclude"], wd=case["wd"], lrs=LAMB_LRS)
     assert compiled_graphs() == len(opt.param_groups)  # new lr and bias corrections did not recompile
     assert_same_params(net, ref_lamb(lrs=LAMB_LRS, **case))

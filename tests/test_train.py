@@ -103,8 +103,9 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("name, extra", [("lars", ["--optim.lars.mode", "larc_clip"]), ("lamb", []),
-                                         ("lars", ["--optim.lars.compiled", "true"])],
-                         ids=["larc_clip", "lamb", "lars-compiled"])
+                                         ("lars", ["--optim.lars.impl", "compiled"]),
+                                         ("lamb", ["--optim.lamb.impl", "fused"])],
+                         ids=["larc_clip", "lamb", "lars-compiled", "lamb-fused"])
 def test_layerwise_optimizers_train_through_the_config(tmp_path, name, extra):
     result = run(tmp_path, name, "--optim.name", name, "--optim.exclude_bn_bias", "true",
                  "--optim.base_lr", "4.0", "--run.trust_log_every", "4", *extra)

@@ -37,6 +37,7 @@ import largebatch
 from largebatch.build import build_run
 from largebatch.checkpoint import load_checkpoint
 from largebatch.config import Config
+from largebatch.data.prepare import prepare
 from largebatch.dist import DistEnv, ddp, init_distributed
 from largebatch.errors import NonFiniteLossError
 from largebatch.extensions import Extension
@@ -272,6 +273,19 @@ def data_on_bad_image_stops_or_skips(tmp_path):
         built(FOLDER | {"data.path": str(root), "data.on_bad_image": "stop"})
     state = built(FOLDER | {"data.path": str(root), "data.on_bad_image": "skip"})
     assert state.splits.skipped_images == 2 and len(state.splits.train) == 14
+
+
+@probe("data.verify")
+def data_verify_hashes_the_prepared_files_or_checks_their_sizes(tmp_path):
+    prepare(str(image_folder(tmp_path / "images")), tmp_path / "prepared", workers=1)
+    shard = tmp_path / "prepared" / "train-000000.tar"
+    damaged = bytearray(shard.read_bytes())
+    damaged[1000] ^= 0x01  # inside the first JPEG: the same size, another sha256
+    shard.write_bytes(bytes(damaged))
+    prepared = FOLDER | {"data.source": "prepared", "data.path": str(tmp_path / "prepared")}
+    with pytest.raises(largebatch.errors.DatasetError, match=f"{shard} is damaged: sha256"):
+        built(prepared | {"data.verify": "sha256"})
+    assert len(built(prepared | {"data.verify": "size"}).splits.train) == 16
 
 
 @probe("data.synthetic_shape")
@@ -603,10 +617,26 @@ def lars_eps_enters_the_trust_ratio():
         assert_close(s.optimizer_state(CONV)["local_lr"], lars_trust(s, CONV, eps=eps))
 
 
-@probe("optim.lars.compiled")
-def lars_compiled_reaches_the_optimizer():  # a compiled step takes a minute: only the switch is checked
-    for compiled in (False, True):
-        assert built(LARS | {"optim.lars.compiled": compiled}).optimizer.compiled is compiled
+def impl_picks_the_update(overrides: dict, field: str, kernel: str, monkeypatch) -> None:
+    """`field` = "fused" runs the fused kernel `kernel` once per group, to the foreach step's result;
+    "compiled" reaches the optimizer (a compiled step takes a minute: only the switch is checked)."""
+    from largebatch.optim import fused
+
+    calls = []
+    run_kernel = getattr(fused, kernel)
+    monkeypatch.setattr(fused, kernel, lambda *args, **kwargs: calls.append(kernel) or run_kernel(*args, **kwargs))
+    reference = stepped(overrides | {field: "foreach"}, lrs=(0.1, 0.2))
+    assert not calls
+    s = stepped(overrides | {field: "fused"}, lrs=(0.1, 0.2))
+    assert s.state.optimizer.impl == "fused" and len(calls) == 2 * len(s.state.optimizer.param_groups)
+    for name in (CONV, GAMMA):
+        assert_close(s.param(name), reference.param(name))
+    assert built(overrides | {field: "compiled"}).optimizer.impl == "compiled"
+
+
+@probe("optim.lars.impl")
+def lars_impl_picks_the_update(monkeypatch):
+    impl_picks_the_update(LARS, "optim.lars.impl", "lars_step_", monkeypatch)
 
 
 LAMB = {"optim.name": "lamb"}
@@ -653,10 +683,9 @@ def lamb_trust_clip_caps_the_trust_ratio():
     assert_close(s.optimizer_state(CONV)["trust_ratio"], torch.tensor(0.001, dtype=torch.float64))
 
 
-@probe("optim.lamb.compiled")
-def lamb_compiled_reaches_the_optimizer():
-    for compiled in (False, True):
-        assert built(LAMB | {"optim.lamb.compiled": compiled}).optimizer.compiled is compiled
+@probe("optim.lamb.impl")
+def lamb_impl_picks_the_update(monkeypatch):
+    impl_picks_the_update(LAMB, "optim.lamb.impl", "lamb_step_", monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from largebatch.bench import comm, model
+from largebatch.bench import bn, comm, data, model, optim
 
-SUB_BENCHMARKS = (comm, model)
+SUB_BENCHMARKS = (comm, model, bn, data, optim)
 
 
 def add_bench_command(commands: argparse._SubParsersAction) -> None:

@@ -135,8 +135,9 @@ def baseline_step(w: Workload, x, y) -> Callable[[], None]:
     return step
 
 
-def trainer_step(w: Workload, row: str, x, y) -> Callable[[], None]:
-    """The trainer's own step (`TrainStep` over a `build_run` state) with the row's fields."""
+def trainer_step(overrides: dict, x, y) -> Callable[[], None]:
+    """The trainer's own step (`TrainStep` over a `build_run` state) configured by `overrides`, fed the
+    batch (x, y) in the micro-batches its plan asks for."""
     import itertools
 
     from largebatch.api import load_config
@@ -144,10 +145,11 @@ def trainer_step(w: Workload, row: str, x, y) -> Callable[[], None]:
     from largebatch.dist import init_distributed
     from largebatch.step import TrainStep
 
-    cfg = load_config("fmnist_goyal", trainer_overrides(w, row))
+    cfg = load_config("fmnist_goyal", overrides)
     state = build_run(cfg, init_distributed(cfg.dist), run_dir=None)
+    micro = state.plan.batches.micro_batch
     take, counter = TrainStep(state), itertools.count()
-    batches: Iterator = itertools.repeat((x, y))
+    batches: Iterator = itertools.cycle(list(zip(x.split(micro), y.split(micro))))
     return lambda: take(batches, next(counter))
 
 
@@ -189,7 +191,7 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
     y = torch.randint(0, w.classes, (w.batch,), generator=generator).to(device)
     rows = []
     for name in names:
-        step = baseline_step(w, x, y) if name == "baseline" else trainer_step(w, name, x, y)
+        step = baseline_step(w, x, y) if name == "baseline" else trainer_step(trainer_overrides(w, name), x, y)
         rows.append(measure(step, w, args.warmup, args.steps, args.repeats, name))
         print(f"  {name}: {rows[-1].images_per_s:.0f} images/s", flush=True)
     base = rows[names.index("baseline")].images_per_s if "baseline" in names else None

@@ -1,12 +1,14 @@
 """Map-style datasets with batched fetching, the DataLoader collate function, and load_splits.
 
-Both dataset kinds implement ``__getitems__(indices) -> (x float32 [B,C,H,W], y int64 [B])``,
-which torch's DataLoader calls with a whole batch of indices when it is present; its result
-then goes to ``collate_fn``, so the loader must be built with :func:`collate_batch`.
+Every dataset kind (these and `prepared.JpegShardDataset`) implements
+``__getitems__(indices) -> (x float32 [B,C,H,W], y int64 [B])``, which torch's DataLoader calls
+with a whole batch of indices when it is present; its result then goes to ``collate_fn``, so the
+loader must be built with :func:`collate_batch`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from . import formats
+from . import formats, prepared
 from .formats import DatasetError
-from .transforms import FOLDER_CROP, augment_batch, channel_stats, folder_transforms, normalize
+from .transforms import (FOLDER_CROP, augment_batch, channel_stats, folder_geometry, folder_transforms,
+                         normalize)
 from .verify import check_with_record, unreadable_images
 
-SOURCES: tuple[str, ...] = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "synthetic")
+SOURCES: tuple[str, ...] = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100", "folder", "prepared", "synthetic")
 AUGMENTS: tuple[str, ...] = ("auto", "none", "flip", "crop_flip", "imagenet")
 PATHLESS_SOURCES = ("fashion_mnist", "synthetic")
 FOLDER_SPLITS = ("train", "val")
@@ -71,10 +74,16 @@ class TensorImageDataset(Dataset):
         return x[0], int(y[0])
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image file as RGB; an unreadable or corrupt file raises DatasetError naming its path."""
+def load_image(path: str, max_side: int = 0) -> Image.Image:
+    """Open an image file as RGB; an unreadable or corrupt file raises DatasetError naming its path.
+
+    With `max_side`, a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that keeps its longer side at
+    least `max_side` (PIL's draft mode), much faster for large photos that are made smaller anyway."""
     try:
         with Image.open(path) as img:
+            if max_side:
+                scale = max_side / max(img.size)
+                img.draft("RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e
@@ -117,8 +126,8 @@ def check_choices(source: str, augment: str, path: str) -> None:
         raise DatasetError(f"source must be one of {SOURCES}, got {source!r}")
     if augment not in AUGMENTS:
         raise DatasetError(f"augment must be one of {AUGMENTS}, got {augment!r}")
-    if augment == "imagenet" and source != "folder":
-        raise DatasetError(f"augment 'imagenet' needs source 'folder', got source {source!r}")
+    if augment == "imagenet" and source not in ("folder", "prepared"):
+        raise DatasetError(f"augment 'imagenet' needs source 'folder' or 'prepared', got source {source!r}")
     if source in PATHLESS_SOURCES and path:
         raise DatasetError(f"source {source!r} takes no path, got path {path!r}")
 
@@ -175,29 +184,48 @@ def folder_splits(path: str, augment: str, image_size: int = FOLDER_CROP, on_bad
     return DataSplits(train, test, len(train.classes), 3, image_size, skipped_images=len(bad), image_check=record)
 
 
+def prepared_splits(path: str, augment: str, image_size: int = FOLDER_CROP, verify: str = "sha256") -> DataSplits:
+    """A directory written by `largebatch prepare`, its files checked against its index first (`verify`, see
+    `prepared.read_index`), normalised with the statistics the index names. Layout 'array': in-memory-style
+    datasets over the memory-mapped arrays, augmented like them; layout 'jpeg': `image_size` px cuts of the
+    decoded JPEGs with the folder geometry ('auto' augments as 'imagenet')."""
+    data = prepared.read_index(path, verify)
+    if data.layout == "array":
+        (x_train, y_train), (x_test, y_test) = (prepared.array_split(data, split) for split in prepared.SPLITS)
+        channels = x_train.shape[1]
+        train_augment = resolve_augment(augment, "prepared", channels)
+        if train_augment == "imagenet":
+            raise DatasetError(f"augment 'imagenet' needs images of their own sizes (a folder, or a prepared set of "
+                               f"layout 'jpeg'); {data.root} holds layout 'array': use crop_flip, flip or none")
+        train = TensorImageDataset(x_train, y_train, data.mean, data.std, train_augment)
+        test = TensorImageDataset(x_test, y_test, data.mean, data.std, "none")
+        return DataSplits(train, test, data.num_classes, channels, x_train.shape[-1])
+    train_geometry, eval_geometry = folder_geometry(resolve_augment(augment, "folder", 3), image_size)
+    train = prepared.JpegShardDataset(*prepared.jpeg_split(data, "train"), train_geometry, data.mean, data.std)
+    test = prepared.JpegShardDataset(*prepared.jpeg_split(data, "test"), eval_geometry, data.mean, data.std)
+    return DataSplits(train, test, data.num_classes, 3, image_size)
+
+
 def load_splits(source: str, path: str = "", augment: str = "auto", *,
                 synthetic_shape: tuple[int, int, int] = (3, 32, 32), synthetic_classes: int = 10,
                 synthetic_train: int = 1024, synthetic_test: int = 256, seed: int = 0, image_size: int = FOLDER_CROP,
                 on_bad_image: str = "stop",
                 check_images: Callable[[Sequence[str]], list[tuple[str, str]]] = unreadable_images,
-                image_check_record: Path | None = None) -> DataSplits:
+                image_check_record: Path | None = None, verify: str = "sha256") -> DataSplits:
     """Load a data set by source name (see SOURCES) with train augmentation `augment` (see AUGMENTS).
 
     'fashion_mnist' and 'synthetic' take no path; the synthetic_* arguments and `seed` only
-    affect 'synthetic'; `image_size`, `on_bad_image`, `check_images` and `image_check_record` only
-    'folder' (see `folder_splits`). Raises DatasetError for any bad input.
+    affect 'synthetic'; `image_size`, `on_bad_image`, `check_images` and `image_check_record`
+    'folder' (see `folder_splits`); `image_size` and `verify` 'prepared' (see `prepared_splits`). Raises
+    DatasetError for any bad input.
     """
     check_choices(source, augment, path)
     if source == "folder":
         return folder_splits(path, augment, image_size, on_bad_image, check_images, image_check_record)
-    if source == "fashion_mnist":
-        arrays = formats.read_embedded()
-    elif source == "npz":
-        arrays = formats.read_npz(path)
-    elif source == "idx":
-        arrays = formats.read_idx(path)
-    elif source in ("cifar10", "cifar100"):
-        arrays = formats.read_cifar(path, source)
-    else:
+    if source == "prepared":
+        return prepared_splits(path, augment, image_size, verify)
+    if source == "synthetic":
         arrays = formats.make_synthetic(synthetic_shape, synthetic_classes, synthetic_train, synthetic_test, seed)
+    else:
+        arrays = formats.read_source(source, path)
     return tensor_splits(arrays, source, augment)

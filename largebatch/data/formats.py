@@ -41,7 +41,7 @@ CIFAR_FILES = {
 CIFAR_LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
-_verified_paths: set[Path] = set()
+_verified_paths: set[tuple[Path, int, int]] = set()  # (path, size, mtime) hashed and found right
 
 
 @dataclass(frozen=True)
@@ -152,23 +152,34 @@ def read_npz(path: str | Path) -> ArraySplits:
     return build_splits(arrays, str(p))
 
 
-def verify_sha256(path: Path, expected: str) -> None:
-    """Raise DatasetError naming `path` unless its sha256 is `expected`; each path is hashed once per process."""
-    path = path.resolve()
-    if path in _verified_paths:
-        return
+def file_sha256(path: Path, what: str = "file") -> str:
+    """The sha256 of the file at `path` as hex, read in 1 MiB blocks; an unreadable file raises DatasetError
+    naming it as `what`."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     except OSError as e:
-        raise DatasetError(f"cannot read embedded dataset {path}: {e}") from e
-    if digest.hexdigest() != expected:
-        raise DatasetError(
-            f"embedded dataset {path} is damaged: sha256 {digest.hexdigest()}, expected {expected}"
-        )
-    _verified_paths.add(path)
+        raise DatasetError(f"cannot read {what} {path}: {e}") from e
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, what: str = "embedded dataset") -> None:
+    """Raise DatasetError naming `path` (as `what`) unless its sha256 is `expected`; a file is hashed once per
+    process while its size and modification time stay the same."""
+    path = path.resolve()
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise DatasetError(f"cannot read {what} {path}: {e}") from e
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key in _verified_paths:
+        return
+    found = file_sha256(path, what)
+    if found != expected:
+        raise DatasetError(f"{what} {path} is damaged: sha256 {found}, expected {expected}")
+    _verified_paths.add(key)
 
 
 def read_embedded() -> ArraySplits:
@@ -284,6 +295,25 @@ def read_cifar(path: str, source: str) -> ArraySplits:
     x_test, y_test = read_cifar_split(directory, test_names, label_key)
     arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     return build_splits(arrays, str(directory), CIFAR_CLASSES[source])
+
+
+# --------------------------------------------------------------------------- by name
+
+
+ARRAY_SOURCES = ("fashion_mnist", "npz", "idx", "cifar10", "cifar100")
+
+
+def read_source(source: str, path: str) -> ArraySplits:
+    """The arrays of an on-disk (or the embedded) array source of ARRAY_SOURCES, read from `path`."""
+    if source == "fashion_mnist":
+        return read_embedded()
+    if source == "npz":
+        return read_npz(path)
+    if source == "idx":
+        return read_idx(path)
+    if source in ("cifar10", "cifar100"):
+        return read_cifar(path, source)
+    raise DatasetError(f"array source must be one of {ARRAY_SOURCES}, got {source!r}")
 
 
 # --------------------------------------------------------------------------- synthetic

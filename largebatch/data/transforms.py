@@ -10,7 +10,8 @@ views): its block copies are single-threaded and as fast as torch's on these mem
 and they do not stall when torch's intra-op threads compete with other processes for the cores
 (measured 8x slower on a busy 2-core machine).
 
-Folder (ImageNet-style) datasets decode one image at a time, so they use ordinary v2 pipelines.
+Folder (ImageNet-style) datasets decode one image at a time, so they use ordinary v2 pipelines; prepared
+JPEG shards share their geometry (`folder_geometry`) and normalise the stacked batch like the in-memory sets.
 """
 
 from __future__ import annotations
@@ -100,15 +101,14 @@ def augment_batch(images: torch.Tensor, augment: str) -> torch.Tensor:
     return images
 
 
-def folder_transforms(augment: str, size: int = FOLDER_CROP) -> tuple[v2.Transform, v2.Transform]:
-    """Train and eval v2 pipelines for folder data sets, from decoded PIL RGB images to normalised float32
-    images of `size` px (ImageNet's 224 by default; the resize before a crop keeps 256/224 of it).
+def folder_geometry(augment: str, size: int = FOLDER_CROP) -> tuple[v2.Transform, v2.Transform]:
+    """Train and eval geometry for images of any size (folder data, prepared JPEGs), on one uint8 C×H×W
+    tensor at a time, cutting `size` px squares (ImageNet's 224 by default; the resize before a crop keeps
+    256/224 of it).
 
     'imagenet': RandomResizedCrop(size) + flip; 'crop_flip': Resize + RandomCrop(size) + flip;
-    'flip': Resize + CenterCrop(size) + flip; 'none': the eval pipeline, Resize + CenterCrop(size).
-    Geometry runs on uint8 tensors, before the float conversion.
+    'flip': Resize + CenterCrop(size) + flip; 'none': the eval geometry, Resize (shorter side) + CenterCrop(size).
     """
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     resize = v2.Resize(round(size * FOLDER_RESIZE / FOLDER_CROP), antialias=True)
     geometry = {
         "imagenet": [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()],
@@ -116,6 +116,11 @@ def folder_transforms(augment: str, size: int = FOLDER_CROP) -> tuple[v2.Transfo
         "flip": [resize, v2.CenterCrop(size), v2.RandomHorizontalFlip()],
         "none": [resize, v2.CenterCrop(size)],
     }
-    train = v2.Compose([v2.ToImage(), *geometry[augment], *to_float])
-    evaluate = v2.Compose([v2.ToImage(), *geometry["none"], *to_float])
-    return train, evaluate
+    return v2.Compose(geometry[augment]), v2.Compose(geometry["none"])
+
+
+def folder_transforms(augment: str, size: int = FOLDER_CROP) -> tuple[v2.Transform, v2.Transform]:
+    """Train and eval v2 pipelines for folder data sets, from decoded PIL RGB images to normalised float32
+    images of `size` px: `folder_geometry` on uint8 tensors, then the float conversion."""
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return tuple(v2.Compose([v2.ToImage(), geometry, *to_float]) for geometry in folder_geometry(augment, size))

@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import torch
 
+from largebatch.optim import fused
+from largebatch.optim.registry import LAYERWISE_IMPLS
+
 
 class GroupwiseOptimizer(torch.optim.Optimizer):
     """An optimizer whose `step` runs `_step_group` on every param group (the maths lives there)."""
@@ -23,6 +26,16 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict) -> None:
         raise NotImplementedError
+
+    def _use_impl(self, impl: str) -> None:
+        """Run the group updates with `impl`, one of LAYERWISE_IMPLS (LARS and LAMB). "fused" is checked
+        now, when the optimizer is built: every parameter must be one its CPU kernels update, and the
+        kernels must compile here (once per machine; a ValueError naming `impl` otherwise)."""
+        if impl not in LAYERWISE_IMPLS:
+            raise ValueError(f"impl = {impl!r} is not allowed; choose one of {', '.join(map(repr, LAYERWISE_IMPLS))}")
+        if impl == "fused":
+            fused.check_params((p for group in self.param_groups for p in group["params"]), "impl", LAYERWISE_IMPLS)
+        self.impl = impl
 
     def layer_ratios(self) -> dict[torch.Tensor, torch.Tensor]:
         """Parameter -> the per-layer factor its last step applied (LARS's local lr, LAMB's trust

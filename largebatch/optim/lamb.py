@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from largebatch.optim import fused
 from largebatch.optim.base import GroupwiseOptimizer
 from largebatch.optim.compile import compiled
 from largebatch.optim.registry import LAMBOptions as _Defaults
@@ -43,14 +44,19 @@ class LAMB(GroupwiseOptimizer):
     logging. Parameters whose grad is None are skipped, their step count included. Sparse gradients
     are not supported.
 
-    ``compiled=True`` runs the same step as one fused expression per tensor through ``torch.compile``
-    (see ``largebatch.optim.compile``); the first step pays the compilation.
+    ``impl`` chooses how the step runs, with the same arithmetic and state: "foreach" (default)
+    batches ``torch._foreach_*`` ops over the group; "compiled" runs one expression per tensor through
+    ``torch.compile`` (``largebatch.optim.compile``; the first step pays the compilation); "fused"
+    runs one C++ kernel per group on the CPU, two passes per tensor: the moments and the two norms,
+    then the update recomputed from the new moments (``largebatch.optim.fused``; float32 and float64
+    CPU parameters, checked when built). The state is the same whatever the impl, so a checkpoint of
+    one resumes under another.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float,
                  betas: tuple[float, float] = _Defaults.betas, eps: float = _Defaults.eps, weight_decay: float = 0.0,
                  bias_correction: bool = _Defaults.bias_correction, trust_clip: float | None = _Defaults.trust_clip,
-                 compiled: bool = _Defaults.compiled) -> None:
+                 impl: str = _Defaults.impl) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
@@ -65,7 +71,7 @@ class LAMB(GroupwiseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, trust_clip=trust_clip, trust=True)
         super().__init__(params, defaults)
-        self.compiled = compiled
+        self._use_impl(impl)
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
@@ -84,7 +90,15 @@ class LAMB(GroupwiseOptimizer):
             bc1.append(1 - beta1 ** t if bias_correction else 1.0)
             bc2_sqrt.append(math.sqrt(1 - beta2 ** t) if bias_correction else 1.0)
 
-        if self.compiled:
+        # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + lam * p = scale * m / (sqrt(v) + denominator_eps) + lam * p
+        scale = [s / b for s, b in zip(bc2_sqrt, bc1)]
+        denominator_eps = [group["eps"] * s for s in bc2_sqrt]
+        if self.impl == "fused":
+            ratio = fused.lamb_step_(params, grads, exp_avgs, exp_avg_sqs, lr=lr, scale=scale,
+                                     denominator_eps=denominator_eps, beta1=beta1, beta2=beta2,
+                                     weight_decay=group["weight_decay"], trust_clip=group["trust_clip"],
+                                     trust=group["trust"])
+        elif self.impl == "compiled":
             def as_tensor(values: float | list[float]) -> Tensor:
                 return torch.tensor(values, dtype=params[0].dtype, device=params[0].device)
 
@@ -93,7 +107,7 @@ class LAMB(GroupwiseOptimizer):
                                            weight_decay=group["weight_decay"], trust_clip=group["trust_clip"] or None,
                                            trust=group["trust"])
         else:
-            ratio = self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, lr, bc1, bc2_sqrt)
+            ratio = self._foreach_update(group, params, grads, exp_avgs, exp_avg_sqs, lr, scale, denominator_eps)
         for p, r in zip(params, ratio.unbind(0)):
             self.state[p]["trust_ratio"] = r
 
@@ -101,21 +115,22 @@ class LAMB(GroupwiseOptimizer):
         return self._ratios_in_state("trust_ratio")
 
     def _foreach_update(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                        exp_avg_sqs: list[Tensor], lr: float, bc1: list[float], bc2_sqrt: list[float]) -> Tensor:
-        """The update of the class docstring with foreach ops; returns the trust ratios."""
+                        exp_avg_sqs: list[Tensor], lr: float, scale: list[float],
+                        denominator_eps: list[float]) -> Tensor:
+        """The update of the class docstring with foreach ops, u = scale * m / (sqrt(v) + denominator_eps)
+        + lam * p per parameter; returns the trust ratios."""
         beta1, beta2 = group["betas"]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m + (1 - b1) (g - m) = b1 m + (1 - b1) g
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
-        # u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + lam * p
-        #   = (sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)) + lam * p, built in one temporary per
-        # parameter (on CPU a fresh weight-sized temporary costs more than the arithmetic)
+        # u built in one temporary per parameter (on CPU a fresh weight-sized temporary costs more than
+        # the arithmetic)
         update = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(update, [group["eps"] * s for s in bc2_sqrt])
+        torch._foreach_add_(update, denominator_eps)
         torch._foreach_reciprocal_(update)
         torch._foreach_mul_(update, exp_avgs)
-        torch._foreach_mul_(update, [s / b for s, b in zip(bc2_sqrt, bc1)])
+        torch._foreach_mul_(update, scale)
         if group["weight_decay"] != 0:
             torch._foreach_add_(update, params, alpha=group["weight_decay"])
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from largebatch.optim import fused
 from largebatch.optim.base import GroupwiseOptimizer
 from largebatch.optim.compile import compiled
 from largebatch.optim.registry import LARS_MODES, LARSOptions as _Defaults
@@ -55,14 +56,18 @@ class LARS(GroupwiseOptimizer):
     ratios. Parameters whose grad is None are skipped (buffer and ``local_lr`` untouched). Sparse
     gradients are not supported.
 
-    ``compiled=True`` runs the same step as one fused expression per tensor through ``torch.compile``
-    (see ``largebatch.optim.compile``); the first step pays the compilation.
+    ``impl`` chooses how the step runs, with the same arithmetic and state: "foreach" (default)
+    batches ``torch._foreach_*`` ops over the group; "compiled" runs one expression per tensor through
+    ``torch.compile`` (``largebatch.optim.compile``; the first step pays the compilation); "fused"
+    runs one C++ kernel per group on the CPU that reads each weight and gradient twice and writes
+    once (``largebatch.optim.fused``; float32 and float64 CPU parameters, checked when built). The
+    state is the same whatever the impl, so a checkpoint of one resumes under another.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = _Defaults.momentum,
                  weight_decay: float = 0.0, trust_coefficient: float = _Defaults.trust_coefficient,
                  eps: float = _Defaults.eps, nesterov: bool = _Defaults.nesterov, mode: str = _Defaults.mode,
-                 compiled: bool = _Defaults.compiled) -> None:
+                 impl: str = _Defaults.impl) -> None:
         if not lr >= 0:
             raise ValueError(f"lr = {lr!r} is not allowed; it must be >= 0")
         if not 0 <= momentum < 1:
@@ -80,7 +85,7 @@ class LARS(GroupwiseOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, nesterov=nesterov, mode=mode, trust=True)
         super().__init__(params, defaults)
-        self.compiled = compiled
+        self._use_impl(impl)
 
     def _step_group(self, group: dict) -> None:
         lr = float(group["lr"])
@@ -91,12 +96,14 @@ class LARS(GroupwiseOptimizer):
             return
         bufs = [self._state_tensor(p, "momentum_buffer") for p in params] if momentum != 0 else []
 
-        if self.compiled:
+        options = dict(momentum=momentum, weight_decay=weight_decay, trust_coefficient=group["trust_coefficient"],
+                       eps=group["eps"], nesterov=group["nesterov"], clip=group["mode"] == "larc_clip",
+                       trust=group["trust"])
+        if self.impl == "fused":
+            local = fused.lars_step_(params, grads, bufs, lr=lr, **options)
+        elif self.impl == "compiled":
             lr_tensor = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
-            local = compiled(lars_update_)(params, grads, bufs, lr_tensor, momentum=momentum,
-                                           weight_decay=weight_decay, trust_coefficient=group["trust_coefficient"],
-                                           eps=group["eps"], nesterov=group["nesterov"],
-                                           clip=group["mode"] == "larc_clip", trust=group["trust"])
+            local = compiled(lars_update_)(params, grads, bufs, lr_tensor, **options)
         else:
             local = self._local_lrs(group, params, grads, lr)  # 1-d tensor, one entry per parameter
             self._foreach_update(params, grads, bufs, local * lr, momentum, weight_decay, group["nesterov"])

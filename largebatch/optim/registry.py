@@ -17,6 +17,11 @@ from typing import Any
 from largebatch.fields import choice, number, plain
 
 LARS_MODES = ("lars", "larc_clip", "larc_scale")
+# How LARS and LAMB run their group updates: torch._foreach_* ops (any device and dtype),
+# torch.compile'd per-tensor expressions (compiles on the first step), or one C++ kernel per group
+# (CPU, float32 / float64; compiled once per machine: largebatch.optim.fused).
+LAYERWISE_IMPLS = ("foreach", "compiled", "fused")
+IMPL_HELP = "foreach ops; compiled: torch.compile (the first step compiles); fused: one C++ kernel per group (CPU)"
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class LARSOptions:
     trust_coefficient: float = number(0.001, 0.0, lo_open=True, help="eta in eta*|w|/(|g| + wd*|w| + eps)")
     mode: str = choice("lars", LARS_MODES, "larc_clip caps each layer's rate at the global lr")
     eps: float = number(0.0, 0.0, help="added to the trust ratio's denominator")
-    compiled: bool = plain(False, "fuse the update per tensor with torch.compile (the first step compiles)")
+    impl: str = choice("foreach", LAYERWISE_IMPLS, IMPL_HELP)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class LAMBOptions:
     eps: float = number(1e-6, 0.0, help="added to sqrt(v)")
     bias_correction: bool = plain(True, "divide the moments by 1 - beta**t")
     trust_clip: float = number(0.0, 0.0, help="upper bound of the trust ratio; 0: none")
-    compiled: bool = plain(False, "fuse the update per tensor with torch.compile (the first step compiles)")
+    impl: str = choice("foreach", LAYERWISE_IMPLS, IMPL_HELP)
 
 
 @dataclass(frozen=True)

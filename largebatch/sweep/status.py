@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from largebatch.checkpoint import checkpoint_step, checkpoints_in
-from largebatch.config import Config, config_to_dict
+from largebatch.config import Config, config_to_dict, upgrade_saved
 from largebatch.run_dir import CONFIG_NAME
 from largebatch.sweep.grid import RunSpec
 from largebatch.sweep.records import final_record, run_records
@@ -64,7 +64,7 @@ def config_changes(saved: Path, wanted: Mapping[str, Any]) -> tuple[str, ...]:
     default, so that a new field at its default changes nothing; one `wanted` lacks is not compared."""
     on_disk = _flat(config_to_dict(Config()))
     if saved.is_file():
-        on_disk |= _flat(tomllib.loads(saved.read_text(encoding="utf-8")))
+        on_disk |= _flat(upgrade_saved(tomllib.loads(saved.read_text(encoding="utf-8"))))
     wanted = _flat(wanted)
     return tuple(f"{key}: {on_disk[key]!r} -> {wanted[key]!r}"
                  for key in sorted(wanted) if on_disk.get(key) != wanted[key])

@@ -1,0 +1,113 @@
+"""Timing the training data path for `largebatch bench data`: the trainer's own DataLoader (its sampler,
+workers and collate function, `train.make_train_loader`) over the folder source and over its prepared
+JPEG shards, the same number of batches each, in turns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from largebatch.bench.image_tree import write_tree
+from largebatch.config import DataConfig, plan_batches
+from largebatch.data import load_splits
+from largebatch.data.prepare import prepare
+from largebatch.data.sampler import GlobalBatchSampler
+from largebatch.dist.threads import usable_cores
+from largebatch.train import make_train_loader
+
+PIPELINES = {"folder": "ImageFolder + PIL + v2 transforms", "prepared": "prepared JPEG shards + decode_jpeg"}
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What to time: `batches` training batches of `batch` images cut to `image_size` px, after `warmup`
+    batches (workers starting), with `workers` DataLoader workers, `repeats` times per pipeline in turns."""
+
+    image_size: int
+    batch: int
+    batches: int
+    warmup: int
+    workers: int
+    repeats: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataRow:
+    """One pipeline: the data.source it is, images/s of each repeat, and its best."""
+
+    pipeline: str
+    source: str
+    runs: tuple[float, ...]
+
+    @property
+    def images_per_s(self) -> float:
+        return max(self.runs)  # another process can only slow a run down
+
+
+@dataclass(frozen=True)
+class DataResult:
+    """The rows, and the data they loaded: the tree's and the prepared copy's sizes."""
+
+    train_images: int
+    classes: int
+    tree_bytes_per_image: float
+    prepared_bytes_per_image: float
+    max_side: int
+    quality: int
+    prepare_s: float
+    rows: tuple[DataRow, ...]
+
+
+def epochs_of(loader: torch.utils.data.DataLoader, sampler: GlobalBatchSampler) -> Iterator:
+    """The loader's batches epoch after epoch, the sampler moved to each epoch as the trainer moves it."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading) -> float:
+    """Training images per second the trainer's DataLoader delivers from `dataset`, loading alone."""
+    plan = plan_batches(DataConfig(global_batch=loading.batch, micro_batch=0, bn_batch=0), 1)
+    sampler = GlobalBatchSampler(len(dataset), plan, 0, loading.seed)
+    loader = make_train_loader(dataset, sampler, loading.workers, torch.device("cpu"), loading.seed)
+    batches = epochs_of(loader, sampler)
+    for _ in range(loading.warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(loading.batches):
+        next(batches)
+    return loading.batches * loading.batch / (time.perf_counter() - start)
+
+
+def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_side: int | None = None,
+            quality: int | None = None) -> DataResult:
+    """Generate the JPEG tree (at `tree` when it is not there yet, else in a temporary directory; a tree at
+    `tree` is used as it is), prepare it, and time both pipelines."""
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        root = tree or Path(tmp) / "tree"
+        if not (root / "train").is_dir():
+            write_tree(root, images, classes, loading.seed)
+        options = {name: value for name, value in (("max_side", max_side), ("quality", quality)) if value is not None}
+        start = time.perf_counter()
+        index = prepare(str(root), Path(tmp) / "prepared", workers=usable_cores(), **options)
+        prepare_s = time.perf_counter() - start
+        splits = {source: load_splits(source, str(path), "auto", image_size=loading.image_size)
+                  for source, path in (("folder", root), ("prepared", Path(tmp) / "prepared"))}
+        runs: dict[str, list[float]] = {source: [] for source in splits}
+        for _ in range(loading.repeats):
+            for source, data in splits.items():
+                runs[source].append(loading_rate(data.train, loading))
+        folder = splits["folder"].train
+        tree_bytes = sum(Path(path).stat().st_size for path, _ in folder.samples)
+        prepared_bytes = sum(entry["bytes"] for name, entry in index["files"].items() if name.startswith("train-"))
+        return DataResult(len(folder), len(folder.classes), tree_bytes / len(folder), prepared_bytes / len(folder),
+                          index["max_side"], index["quality"], prepare_s,
+                          tuple(DataRow(PIPELINES[source], source, tuple(rates)) for source, rates in runs.items()))
