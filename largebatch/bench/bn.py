@@ -60,10 +60,9 @@ def cmd_bench_bn(args: argparse.Namespace, extra: list[str]) -> int:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(m, w.channels, w.image_size, w.image_size, generator=generator).to(device)
     y = torch.randint(0, w.classes, (m,), generator=generator).to(device)
-    measured = []
-    for name, fields in rows.items():
-        overrides = trainer_overrides(w, "plain") | {"model.channels_last": args.channels_last} | fields
-        measured.append(measure(trainer_step(overrides, x, y), w, args.warmup, args.steps, args.repeats, name))
+    plain = trainer_overrides(w, "plain") | {"model.channels_last": args.channels_last}
+    measured = measure({name: trainer_step(plain | fields, x, y) for name, fields in rows.items()}, w, args.warmup,
+                       args.steps, args.repeats)
     base = measured[0].images_per_s
     print(table(w, measured, base, args).replace("x baseline", "x plain BN"))
     write_record(args.json, "bench_bn", {"workload": asdict(w), "bn_batch": n, "channels_last": args.channels_last,

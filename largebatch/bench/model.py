@@ -62,7 +62,8 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
                        "(default bf16 on a GPU, fp32 on CPU)")
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     model.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
-    model.add_argument("--repeats", type=int, default=3, help="timed repeats per row; the median counts (default 3)")
+    model.add_argument("--repeats", type=int, default=5, help="timed rounds, every row in turn; each row's median "
+                       "counts (default 5)")
     model.add_argument("--warmup", type=int, default=5, help="untimed steps first, compilation included (default 5)")
     model.add_argument("--rows", help=f"comma-separated subset of: baseline, plain, {', '.join(FAST_FIELDS)}, all "
                        "(default: every row the device can run)")
@@ -153,26 +154,30 @@ def trainer_step(overrides: dict, x, y) -> Callable[[], None]:
     return lambda: take(batches, next(counter))
 
 
-def measure(step: Callable[[], None], w: Workload, warmup: int, steps: int, repeats: int, name: str) -> ModelRow:
+def measure(steps_of: dict[str, Callable[[], None]], w: Workload, warmup: int, steps: int,
+            repeats: int) -> list[ModelRow]:
+    """Each row's images/s: its first step timed alone, `warmup` - 1 more untimed, then `repeats` rounds in
+    which every row runs `steps` steps in turn, so that a change in the machine's load hits all rows alike."""
     import torch
 
     sync = torch.cuda.synchronize if w.device == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    step()
-    sync()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        step()
-    sync()
-    times = []
-    for _ in range(repeats):
+
+    def timed(step: Callable[[], None], count: int) -> float:
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(count):
             step()
         sync()
-        times.append((time.perf_counter() - start) / steps)
-    median = statistics.median(times)
-    return ModelRow(name, w.batch / median, 1000 * median, first)
+        return time.perf_counter() - start
+
+    first = {name: timed(step, 1) for name, step in steps_of.items()}
+    for step in steps_of.values():
+        timed(step, warmup - 1)
+    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    for _ in range(repeats):
+        for name, step in steps_of.items():
+            times[name].append(timed(step, steps) / steps)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return [ModelRow(name, w.batch / medians[name], 1000 * medians[name], first[name]) for name in steps_of]
 
 
 def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
@@ -189,11 +194,9 @@ def cmd_bench_model(args: argparse.Namespace, extra: list[str]) -> int:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(w.batch, w.channels, w.image_size, w.image_size, generator=generator).to(device)
     y = torch.randint(0, w.classes, (w.batch,), generator=generator).to(device)
-    rows = []
-    for name in names:
-        step = baseline_step(w, x, y) if name == "baseline" else trainer_step(trainer_overrides(w, name), x, y)
-        rows.append(measure(step, w, args.warmup, args.steps, args.repeats, name))
-        print(f"  {name}: {rows[-1].images_per_s:.0f} images/s", flush=True)
+    steps_of = {name: baseline_step(w, x, y) if name == "baseline" else trainer_step(trainer_overrides(w, name), x, y)
+                for name in names}
+    rows = measure(steps_of, w, args.warmup, args.steps, args.repeats)
     base = rows[names.index("baseline")].images_per_s if "baseline" in names else None
     print(table(w, rows, base, args))
     write_record(args.json, "bench_model", {"workload": asdict(w), "steps": args.steps, "repeats": args.repeats,
