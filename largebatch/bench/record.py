@@ -14,13 +14,25 @@ from pathlib import Path
 from typing import Any
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """The measuring machine: CPU, cores torch may use, GPU (if any), Python and torch versions, and now."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpu": gpu, "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None}
 
