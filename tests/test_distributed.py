@@ -264,3 +264,19 @@ def test_kfac_on_two_and_three_processes_equals_one_process(tmp_path, inverse):
             if inverse == "cholesky":
                 for x, y in zip(inverse_state["tensors"], many["kfac"]["inverses"][name]["tensors"]):
                     assert torch.allclose(x, y, rtol=1e-8, atol=1e-10), (world, name)
+
+
+def test_loss_sync_log_on_two_processes_trains_like_one_and_both_stop_at_a_nonfinite_step(tmp_path):
+    """run.loss_sync = log keeps the loss on the device and agrees on stop signals only at log steps: two
+    ranks still take the very steps of one process, and a non-finite loss stops every rank at the same
+    check, naming the step (none waits for the other in a collective)."""
+    log = ["--run.loss_sync", "log", "--run.log_every", "4"]
+    run_ranks([*train_argv(tmp_path, "log", 24, 6, 3), *log], 2)
+    run_python(train_argv(tmp_path, "single", 24, 24, 3))
+    ddp, single = parameters(tmp_path / "log"), parameters(tmp_path / "single")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-10, atol=1e-12, msg=key)
+    diverging = [*train_argv(tmp_path, "diverge", 24, 6, 3), *log, "--optim.base_lr", "1e30",
+                 "--schedule.warmup_epochs", "0"]
+    for result in run_ranks(diverging, 2, timeout=120, check=False):
+        assert result.returncode != 0 and "at step 1, found after step 3 (run.loss_sync = 'log'" in result.stdout
