@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from largebatch.config import Config
-from largebatch.data import DataSplits, load_splits
+from largebatch.data import DataSplits, defer_normalization, load_splits
 from largebatch.data.sampler import GlobalBatchSampler
+from largebatch.data.transforms import normalize
 from largebatch.data.verify import unreadable_images
 from largebatch.dist import Collectives, DistEnv, wrap_model
 from largebatch.dist.threads import choose_threads, usable_cores
@@ -75,15 +76,28 @@ def build_optimizer_for(cfg: Config, model: nn.Module, lr: float) -> torch.optim
                            options=getattr(o, o.name))
 
 
-def input_placement(cfg: Config, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
-    """Moves a batch to the device in the model's dtype and memory format (the same in train and eval)."""
+def input_placement(cfg: Config, device: torch.device,
+                    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """Moves a batch to the device in the model's dtype and memory format (the same in train and eval);
+    with `normalization` (mean, std), the batch arrives as uint8 and is normalised once on the device."""
     dtype = param_dtype(cfg.run.precision)
     layout = memory_format(cfg)
 
     def place(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if normalization is not None:
+            x = normalize(x.to(device, non_blocking=True), *normalization)
         return x.to(device, dtype, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
 
     return place
+
+
+def data_placement(cfg: Config, splits: DataSplits, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                       tuple]:
+    """`input_placement` for the batches of `splits`: with data.normalize_on = "device" the datasets are made to
+    deliver uint8 and the placement normalises them after the transfer."""
+    normalization = defer_normalization(splits) if cfg.data.normalize_on == "device" else None
+    return input_placement(cfg, device, normalization)
 
 
 def compiled_for_training(cfg: Config, model: nn.Module) -> nn.Module:
@@ -134,7 +148,7 @@ def build_run(cfg: Config, env: DistEnv, run_dir: Path | None, extensions: Seque
         scaler=grad_scaler(cfg.run.precision, env.device), sampler=sampler,
         autocast=autocast_factory(cfg.run.precision, env.device),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
-        place=input_placement(cfg, env.device), logger=RunLogger(run_dir), extensions=all_extensions)
+        place=data_placement(cfg, splits, env.device), logger=RunLogger(run_dir), extensions=all_extensions)
     scaler = state.scaler
     context = StepContext(model, optimizer, plan, state.collectives, state.logger.log,
                           lambda: scaler.get_scale() if scaler.is_enabled() else 1.0)

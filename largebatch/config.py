@@ -51,6 +51,9 @@ class DataConfig:
     image_size: int = number(224, 8, help="folder, prepared jpeg: training and evaluation crop, in px")
     on_bad_image: str = choice("stop", ("stop", "skip"), "folder: an unreadable image stops before step 1, or is left "
                                "out and counted")
+    normalize_on: str = choice("loader", ("loader", "device"), "where augmented uint8 images become normalised "
+                               "float32: in the DataLoader (its workers), or after the transfer to the device (4x "
+                               "fewer bytes from the workers and to a GPU); not for the folder source")
     verify: str = choice("sha256", ("sha256", "size"), "prepared: check every data file's sha256 against the index "
                          "(reads the data set once per run), or only that each is there with its size")
     synthetic_shape: tuple[int, ...] = plain((3, 32, 32), "synthetic images: [channels, height, width]")
@@ -472,6 +475,9 @@ def validate_relations(cfg: Config) -> None:
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder", "prepared") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")
+    if d.normalize_on == "device" and d.source == "folder":
+        raise ConfigError("data.normalize_on = 'device' needs batched uint8 data: the folder source normalises in its "
+                          "PIL transforms (prepare the tree with `largebatch prepare` and use data.source = 'prepared')")
     if d.source == "synthetic" and (len(d.synthetic_shape) != 3 or min(d.synthetic_shape) < 1):
         raise ConfigError(f"data.synthetic_shape = {list(d.synthetic_shape)}: must be [channels, height, width], "
                           "all >= 1")

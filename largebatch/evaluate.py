@@ -64,7 +64,7 @@ def evaluate_checkpoint(cfg: Config, model_state: dict) -> EvalResult | None:
         model.load_state_dict(model_state)
         loader = eval_loader(splits.test, cfg.data.eval_batch, env, cfg.data.workers)
         result = evaluate(model, loader, env, autocast_factory(cfg.run.precision, env.device),
-                          build.input_placement(cfg, env.device))
+                          build.data_placement(cfg, splits, env.device))
         return result if env.is_main else None
     finally:
         shutdown(env)

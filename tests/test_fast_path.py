@@ -1,9 +1,9 @@
 """The GPU fast-path options train to the plain path's loss on CPU, and their guards hold.
 
-`model.compile`, `model.channels_last`, `run.loss_sync = "log"`, `run.cudnn_benchmark` and bf16
-autocast change how a step is computed, never what it computes: a tiny run with each gives the
-plain run's per-step losses, exactly where the arithmetic is the same and within the precision
-where kernels differ (inductor's fused kernels reorder float sums; bf16 rounds activations).
+`model.compile`, `model.channels_last`, `run.loss_sync = "log"`, `run.cudnn_benchmark`,
+`data.normalize_on = "device"` and bf16 autocast change how a step is computed, never what it
+computes: a tiny run with each gives the plain run's per-step losses, exactly where the arithmetic
+is the same and within the precision where kernels differ (inductor's fused kernels reorder float sums; bf16 rounds activations).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def losses(tmp_path, overrides: dict, name: str) -> list[float]:
 FAST_PATHS = {
     "loss_sync_log": ({"run.loss_sync": "log"}, 0.0),
     "cudnn_benchmark": ({"run.cudnn_benchmark": True}, 0.0),
+    "normalize_on_device": ({"data.normalize_on": "device"}, 0.0),
     "channels_last": ({"model.channels_last": True}, 1e-5),
     "compile": ({"model.compile": True}, 1e-4),
     "compile_channels_last_log": ({"model.compile": True, "model.channels_last": True, "run.loss_sync": "log"}, 1e-4),
@@ -76,6 +77,8 @@ def test_loss_sync_log_never_checkpoints_the_weights_a_nonfinite_step_reached(tm
 @pytest.mark.parametrize("overrides, message", [
     ({"run.loss_sync": "log", "run.on_nonfinite": "skip"}, "run.loss_sync = 'log' finds a non-finite loss only after"),
     ({"model.compile": True, "optim.preconditioner": "kfac"}, "model.compile = true would trace K-FAC's layer hooks"),
+    ({"data.normalize_on": "device", "data.source": "folder", "data.path": "/data"},
+     "data.normalize_on = 'device' needs batched uint8 data: the folder source"),
 ])
 def test_fast_path_combinations_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):

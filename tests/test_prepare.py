@@ -356,14 +356,30 @@ def test_prepare_command_of_an_array_source(tmp_path):
     assert json.loads((tmp_path / "p" / INDEX_NAME).read_text())["splits"]["train"]["shape"] == [1, 8, 8]
 
 
-def test_bench_data_times_both_pipelines(tmp_path, capsys):
+def test_bench_data_times_every_pipeline(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "data", "--images", "40", "--classes", "4", "--image-size", "32", "--batch", "8",
                  "--batches", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["benchmark"] == "bench_data" and "machine" in record
     assert (record["train_images"], record["classes"], record["image_size"]) == (40, 4, 32)
-    rows = {row["source"]: row for row in record["rows"]}
-    assert set(rows) == {"folder", "prepared"} and rows["folder"]["ratio"] == 1.0
+    rows = {row["name"]: row for row in record["rows"]}
+    assert set(rows) == {"folder", "prepared", "prepared_uint8"} and rows["folder"]["ratio"] == 1.0
     assert all(row["images_per_s"] > 0 and len(row["runs"]) == 1 for row in rows.values())
     assert "prepared: prepared JPEG shards" in capsys.readouterr().out
+
+
+def test_prepared_batches_stay_uint8_for_normalising_on_the_device(jpeg_dir):
+    """data.normalize_on = device: the shards' batches leave the loader as uint8 and the same normalisation
+    after the transfer gives the loader's float batch."""
+    from largebatch.data import defer_normalization
+    from largebatch.data.transforms import normalize
+
+    in_loader = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    deferred = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    mean, std = defer_normalization(deferred)
+    for split in ("train", "test"):
+        x, y = getattr(deferred, split).__getitems__([0, 3, 1])
+        expected, labels = getattr(in_loader, split).__getitems__([0, 3, 1])
+        assert x.dtype == torch.uint8 and torch.equal(y, labels)
+        assert torch.equal(normalize(x, mean, std), expected)

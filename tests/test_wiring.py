@@ -995,6 +995,17 @@ def run_progress_shows_the_bar(tmp_path, capsys):
         assert ("train:" in capsys.readouterr().err) is progress
 
 
+@probe("data.normalize_on")
+def data_normalize_on_moves_normalisation_from_the_loader_to_the_device():
+    batches = {}
+    for where in ("loader", "device"):
+        state = built({"data.normalize_on": where, "data.augment": "none"})
+        x, y = state.splits.train.__getitems__(list(range(8)))
+        assert x.dtype == (torch.float32 if where == "loader" else torch.uint8)
+        batches[where] = state.place(x, y)[0]
+    assert torch.equal(batches["loader"], batches["device"])
+
+
 @probe("run.loss_sync")
 def run_loss_sync_keeps_the_loss_on_the_device_and_checks_it_at_the_log_interval(tmp_path):
     for sync, kind in (("step", float), ("log", torch.Tensor)):

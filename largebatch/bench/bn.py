@@ -50,7 +50,8 @@ def cmd_bench_bn(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise UserError(f"unknown arguments {' '.join(extra)}")
     if args.bn_batch < 2 or args.micro_batch % args.bn_batch or args.micro_batch == args.bn_batch:
-        raise UserError(f"--micro-batch {args.micro_batch} must be a multiple (> 1x) of --bn-batch {args.bn_batch} >= 2")
+        raise UserError(f"--micro-batch {args.micro_batch} must be a multiple (> 1x) of --bn-batch "
+                        f"{args.bn_batch} >= 2")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     w = Workload(args.model, args.image_size, args.channels, args.classes, args.micro_batch, "fp32", device)
     n, m = args.bn_batch, args.micro_batch

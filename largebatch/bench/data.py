@@ -1,8 +1,9 @@
 """`largebatch bench data`: how many training images per second the data path delivers, loading alone, from
 an ImageNet-style JPEG tree through the folder source (torchvision ImageFolder, PIL decoding, v2
 transforms, one image at a time) against its `largebatch prepare` copy (JPEG shards read by offset and
-decoded a batch at a time). The tree is generated (photo-sized images with ImageNet-sized JPEG files,
-seeded) unless `--tree` names one to reuse; both pipelines run through the trainer's own DataLoader with
+decoded a batch at a time), normalised in the loader or, as `data.normalize_on = "device"` does, after it
+from uint8 batches. The tree is generated (photo-sized images with ImageNet-sized JPEG files,
+seeded) unless `--tree` names one to reuse; every pipeline runs through the trainer's own DataLoader with
 the same workers, batch and number of batches, in turns, and the best run of each is reported (another
 process on the machine can only slow a run down). Prints a table and writes it as JSON.
 
@@ -32,9 +33,9 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
         "data", help="images/s of loading: an ImageFolder JPEG tree against its prepared shards",
         description="Time the training data path alone: a JPEG tree (generated, or --tree) read by the folder "
                     "source (ImageFolder + PIL + per-image transforms) against the same images prepared as JPEG "
-                    "shards (`largebatch prepare`, batched decode_jpeg), through the trainer's DataLoader with the "
-                    "same workers, batch and number of batches. Prints images/s and the ratio to the folder "
-                    "pipeline, and writes them as JSON.")
+                    "shards (`largebatch prepare`, batched decode_jpeg; normalised in the loader, and after it "
+                    "from uint8 batches), through the trainer's DataLoader with the same workers, batch and number "
+                    "of batches. Prints images/s and the ratio to the folder pipeline, and writes them as JSON.")
     data.add_argument("--images", type=at_least(1), default=5000, help="training images to generate (default 5000; "
                       "a tenth as many, at least one per class, for validation)")
     data.add_argument("--classes", type=at_least(1), default=100, help="classes to generate (default 100)")
@@ -76,7 +77,7 @@ def cmd_bench_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def ratio(result: DataResult, row) -> float:
     """The row's images/s over the folder pipeline's."""
-    folder = next(r for r in result.rows if r.source == "folder")
+    folder = next(r for r in result.rows if r.name == "folder")
     return row.images_per_s / folder.images_per_s
 
 
@@ -88,7 +89,7 @@ def table(loading: Loading, result: DataResult) -> str:
              f"{r.prepared_bytes_per_image / 1e3:.0f} KB per image, {r.prepare_s:.1f} s to prepare",
              f"{loading.image_size} px training batches of {loading.batch}, {loading.workers} DataLoader worker(s); "
              f"best of {loading.repeats} run(s) of {loading.batches} batches after {loading.warmup} warm-up",
-             f"{'pipeline':<50} {'images/s':>9} {'ratio':>6}"]
+             f"{'pipeline':<66} {'images/s':>9} {'ratio':>6}"]
     for row in r.rows:
-        lines.append(f"{row.source + ': ' + row.pipeline:<50} {row.images_per_s:>9.1f} {ratio(r, row):>6.2f}")
+        lines.append(f"{row.name + ': ' + row.pipeline:<66} {row.images_per_s:>9.1f} {ratio(r, row):>6.2f}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +16,15 @@ import torch
 
 from largebatch.bench.image_tree import write_tree
 from largebatch.config import DataConfig, plan_batches
-from largebatch.data import load_splits
+from largebatch.data import defer_normalization, load_splits
 from largebatch.data.prepare import prepare
 from largebatch.data.sampler import GlobalBatchSampler
+from largebatch.data.transforms import normalize
 from largebatch.dist.threads import usable_cores
 from largebatch.train import make_train_loader
 
-PIPELINES = {"folder": "ImageFolder + PIL + v2 transforms", "prepared": "prepared JPEG shards + decode_jpeg"}
+PIPELINES = {"folder": "ImageFolder + PIL + v2 transforms", "prepared": "prepared JPEG shards + decode_jpeg",
+             "prepared_uint8": "the same, normalised after the loader (uint8 out)"}
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,10 @@ class Loading:
 
 @dataclass(frozen=True)
 class DataRow:
-    """One pipeline: the data.source it is, images/s of each repeat, and its best."""
+    """One pipeline: what it is, its key in PIPELINES, images/s of each repeat, and its best."""
 
     pipeline: str
-    source: str
+    name: str
     runs: tuple[float, ...]
 
     @property
@@ -73,8 +75,10 @@ def epochs_of(loader: torch.utils.data.DataLoader, sampler: GlobalBatchSampler) 
         yield from loader
 
 
-def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading) -> float:
-    """Training images per second the trainer's DataLoader delivers from `dataset`, loading alone."""
+def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading,
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Training images per second the trainer's DataLoader delivers from `dataset`, loading alone; `finish`,
+    what the main process still does to each batch (normalising uint8 batches), counts too."""
     plan = plan_batches(DataConfig(global_batch=loading.batch, micro_batch=0, bn_batch=0), 1)
     sampler = GlobalBatchSampler(len(dataset), plan, 0, loading.seed)
     loader = make_train_loader(dataset, sampler, loading.workers, torch.device("cpu"), loading.seed)
@@ -83,7 +87,9 @@ def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading) -> float:
         next(batches)
     start = time.perf_counter()
     for _ in range(loading.batches):
-        next(batches)
+        x, _ = next(batches)
+        if finish is not None:
+            finish(x)
     return loading.batches * loading.batch / (time.perf_counter() - start)
 
 
@@ -99,15 +105,20 @@ def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_
         start = time.perf_counter()
         index = prepare(str(root), Path(tmp) / "prepared", workers=usable_cores(), **options)
         prepare_s = time.perf_counter() - start
-        splits = {source: load_splits(source, str(path), "auto", image_size=loading.image_size)
-                  for source, path in (("folder", root), ("prepared", Path(tmp) / "prepared"))}
-        runs: dict[str, list[float]] = {source: [] for source in splits}
+        splits = {pipeline: load_splits(source, str(path), "auto", image_size=loading.image_size)
+                  for pipeline, source, path in (("folder", "folder", root),
+                                                 ("prepared", "prepared", Path(tmp) / "prepared"),
+                                                 ("prepared_uint8", "prepared", Path(tmp) / "prepared"))}
+        normalization = defer_normalization(splits["prepared_uint8"])
+        finish = {"prepared_uint8": lambda x: normalize(x, *normalization)}
+        runs: dict[str, list[float]] = {pipeline: [] for pipeline in splits}
         for _ in range(loading.repeats):
-            for source, data in splits.items():
-                runs[source].append(loading_rate(data.train, loading))
+            for pipeline, data in splits.items():
+                runs[pipeline].append(loading_rate(data.train, loading, finish.get(pipeline)))
         folder = splits["folder"].train
         tree_bytes = sum(Path(path).stat().st_size for path, _ in folder.samples)
         prepared_bytes = sum(entry["bytes"] for name, entry in index["files"].items() if name.startswith("train-"))
         return DataResult(len(folder), len(folder.classes), tree_bytes / len(folder), prepared_bytes / len(folder),
                           index["max_side"], index["quality"], prepare_s,
-                          tuple(DataRow(PIPELINES[source], source, tuple(rates)) for source, rates in runs.items()))
+                          tuple(DataRow(PIPELINES[pipeline], pipeline, tuple(rates))
+                                for pipeline, rates in runs.items()))

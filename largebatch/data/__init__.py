@@ -11,6 +11,7 @@ from .datasets import (
     FolderDataset,
     TensorImageDataset,
     collate_batch,
+    defer_normalization,
     load_splits,
 )
 from .formats import DatasetError
@@ -23,5 +24,6 @@ __all__ = [
     "FolderDataset",
     "TensorImageDataset",
     "collate_batch",
+    "defer_normalization",
     "load_splits",
 ]

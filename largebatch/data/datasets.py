@@ -57,6 +57,7 @@ class TensorImageDataset(Dataset):
         self.mean = mean
         self.std = std
         self.augment = augment
+        self.normalize_in_loader = True  # False: batches stay uint8 (see defer_normalization)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -66,7 +67,8 @@ class TensorImageDataset(Dataset):
         index = np.asarray(indices, dtype=np.int64)
         images = torch.from_numpy(self.images.numpy().take(index, axis=0))
         labels = torch.from_numpy(self.labels.numpy().take(index))
-        return normalize(augment_batch(images, self.augment), self.mean, self.std), labels
+        images = augment_batch(images, self.augment)
+        return normalize(images, self.mean, self.std) if self.normalize_in_loader else images, labels
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """One sample as (float32 C×H×W, label), through the same path as a batch of one."""
@@ -108,6 +110,18 @@ class FolderDataset(ImageFolder):
         """Decode and transform each sample, then stack into (x [B,3,H,W], y [B])."""
         samples = [self[i] for i in indices]
         return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples], dtype=torch.long)
+
+
+def defer_normalization(splits: DataSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Make both splits deliver their batches augmented but still uint8, to be normalised after the transfer
+    to the device (data.normalize_on = "device"); returns the (mean, std) to normalise them with."""
+    datasets = (splits.train, splits.test)
+    if not all(hasattr(d, "normalize_in_loader") for d in datasets):
+        raise DatasetError("data.normalize_on = 'device' needs batched uint8 data; the folder source normalises in "
+                           "its PIL transforms")
+    for dataset in datasets:
+        dataset.normalize_in_loader = False
+    return splits.train.mean, splits.train.std
 
 
 def collate_batch(batch: tuple[torch.Tensor, torch.Tensor] | list) -> tuple[torch.Tensor, torch.Tensor]:

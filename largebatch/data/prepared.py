@@ -187,6 +187,7 @@ class JpegShardDataset(Dataset):
         self.geometry = geometry
         self.mean = mean
         self.std = std
+        self.normalize_in_loader = True  # False: batches stay uint8 (see datasets.defer_normalization)
         self._files: dict[int, int] = {}  # shard number -> open descriptor; pread needs no shared position
 
     def __len__(self) -> int:
@@ -213,7 +214,7 @@ class JpegShardDataset(Dataset):
             shards = sorted({str(self.shards[s]) for s in self.samples[index, 0]})
             raise DatasetError(f"cannot decode a JPEG read from prepared shard(s) {', '.join(shards)}: {e}") from e
         batch = torch.stack([self.geometry(image) for image in images])
-        return normalize(batch, self.mean, self.std), self.labels[index]
+        return normalize(batch, self.mean, self.std) if self.normalize_in_loader else batch, self.labels[index]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """One sample as (float32 C×H×W, label), through the same path as a batch of one."""
