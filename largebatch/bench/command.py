@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from largebatch.bench import bn, comm, data, model, optim
+from largebatch.bench import bn, comm, data, kfac, model, optim, trainer
 
-SUB_BENCHMARKS = (comm, model, bn, data, optim)
+SUB_BENCHMARKS = (comm, model, bn, data, optim, trainer, kfac)
 
 
 def add_bench_command(commands: argparse._SubParsersAction) -> None:
