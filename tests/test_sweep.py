@@ -258,6 +258,12 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="--only lars: the grid's methods are sgd, noscale"):
         sweep(str(grid), "--dry-run", "--only", "lars")
+    assert sweep(str(grid), "--dry-run", "--batches", "64") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"[1/2] sgd b=64 seed 0: new  {tmp_path / 'out/tiny/sgd-b64-s0'}",
+        f"[2/2] noscale b=64 seed 0: new  {tmp_path / 'out/tiny/noscale-b64-s0'}"]
+    with pytest.raises(ConfigError, match="--batches 48: the grid's batches are 32, 64"):
+        sweep(str(grid), "--dry-run", "--batches", "48")
 
 
 @pytest.mark.parametrize("grid", ["quick", *(str(Path(__file__).parents[1] / "docs/results" / name)

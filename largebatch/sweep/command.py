@@ -32,6 +32,7 @@ examples:
   largebatch sweep quick --dry-run        # the shipped grid: its runs and where each stands
   largebatch sweep quick                  # train what is left, then write the results
   largebatch sweep my_grid.toml --only lars,sgd_goyal
+  largebatch sweep my_grid.toml --only kfac --batches 4096,16384
   largebatch sweep quick --report-only    # rebuild the results from the finished runs
 
 The grid format is described in largebatch/sweep/grid.py; largebatch/sweeps/quick.toml is an example."""
@@ -50,6 +51,8 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> argparse.Argument
                       "finished runs on disk; train nothing")
     sweep.add_argument("--only", metavar="NAME[,NAME...]", help="train (or list) only these methods; the results "
                        "still cover every finished run of the grid")
+    sweep.add_argument("--batches", metavar="B[,B...]", help="train (or list) only the runs at these global batches "
+                       "(of the grid's), e.g. the large ones of a slow method first")
     return sweep
 
 
@@ -62,12 +65,13 @@ def cmd_sweep(args: argparse.Namespace, extra: Sequence[str]) -> int:
     grid = load_grid(args.grid)
     runs = plan_runs(grid)
     chosen = _chosen(grid, args.only)
+    batches = _chosen_batches(grid, args.batches)
     # These import torch; parsing and checking the grid above, and --help, do not.
     from largebatch.sweep.runner import run_sweep
     from largebatch.sweep.status import CHANGED, DONE, run_status
 
     statuses = [run_status(spec) for spec in runs]
-    todo = [(spec, status) for spec, status in zip(runs, statuses) if spec.method in chosen]
+    todo = [(spec, status) for spec, status in zip(runs, statuses) if spec.method in chosen and spec.batch in batches]
     if args.dry_run:
         for number, (spec, status) in enumerate(todo, 1):
             print(f"[{number}/{len(todo)}] {spec.label}: {status.describe()}  {spec.run_dir}")
@@ -102,6 +106,19 @@ def _chosen(grid: Grid, only: str | None) -> set[str]:
     unknown = sorted(chosen - set(names))
     if unknown or not chosen:
         raise ConfigError(f"--only {only}: the grid's methods are {', '.join(names)}")
+    return chosen
+
+
+def _chosen_batches(grid: Grid, text: str | None) -> set[int]:
+    """The global batches --batches names (all of the grid's without it); one the grid lacks is an error."""
+    if text is None:
+        return set(grid.batches)
+    try:
+        chosen = {int(item) for item in text.split(",") if item.strip()}
+    except ValueError:
+        chosen = set()
+    if not chosen or chosen - set(grid.batches):
+        raise ConfigError(f"--batches {text}: the grid's batches are {', '.join(map(str, grid.batches))}")
     return chosen
 
 
