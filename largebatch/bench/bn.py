@@ -44,7 +44,7 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
 def cmd_bench_bn(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from largebatch.bench.record import write_record
+    from largebatch.bench.record import bench_device, write_record
     from largebatch.errors import UserError
 
     if extra:
@@ -52,7 +52,7 @@ def cmd_bench_bn(args: argparse.Namespace, extra: list[str]) -> int:
     if args.bn_batch < 2 or args.micro_batch % args.bn_batch or args.micro_batch == args.bn_batch:
         raise UserError(f"--micro-batch {args.micro_batch} must be a multiple (> 1x) of --bn-batch "
                         f"{args.bn_batch} >= 2")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(args.device)
     w = Workload(args.model, args.image_size, args.channels, args.classes, args.micro_batch, "fp32", device)
     n, m = args.bn_batch, args.micro_batch
     rows = {f"plain BN over {m}": {"data.bn_batch": 0},

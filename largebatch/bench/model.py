@@ -72,9 +72,9 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def workload(args: argparse.Namespace) -> Workload:
-    import torch
+    from largebatch.bench.record import bench_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(args.device)
     gpu = device == "cuda"
     return Workload(model=args.model or ("resnet50" if gpu else "small_cnn"),
                     image_size=args.image_size or (224 if gpu else 28), channels=args.channels or (3 if gpu else 1),

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from largebatch.bench.record import write_record
+from largebatch.bench.record import bench_device, write_record
 from largebatch.config import MODEL_NAMES
 from largebatch.errors import UserError
 
@@ -64,7 +64,7 @@ def cmd_bench_optim(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise UserError("--device cuda: no CUDA device is visible; use cpu or auto")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(bench_device(args.device))
     model = model_with_gradients(args.model, device)
     params = list(model.parameters())
     results = measure(optimizer_rows(device), model, args.steps, device)

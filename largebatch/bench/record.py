@@ -37,6 +37,13 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None}
 
 
+def bench_device(choice: str) -> str:
+    """The device a benchmark's `--device auto|cpu|cuda` names: auto is cuda when torch sees a GPU."""
+    import torch
+
+    return choice if choice != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def write_record(path: Path, benchmark: str, body: dict[str, Any]) -> dict[str, Any]:
     """Write `body` as JSON at `path` under the benchmark's name and the machine header; returns the record."""
     record = {"benchmark": benchmark, "machine": machine(), **body}
