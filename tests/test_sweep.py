@@ -27,7 +27,7 @@ from largebatch.sweep.analysis import bend, largest_batch_within, mean_std, scal
 from largebatch.sweep.command import add_sweep_command
 from largebatch.sweep.figures import FIGURE_NAMES
 from largebatch.sweep.grid import load_grid, plan_runs
-from largebatch.sweep.results import build_report
+from largebatch.sweep.results import build_report, write_json
 from largebatch.sweep.status import config_changes
 from tests.multiproc import base_env
 
@@ -225,6 +225,19 @@ def test_vary_crosses_every_run_and_names_its_directory(tmp_path):
         plan_runs(load_grid(str(write_grid(tmp_path, text.replace("[0.05, 0.2]", "[0.05, 0.05]")))))
 
 
+def test_a_method_seeds_replace_the_sweep_seeds_for_that_method_only(tmp_path):
+    text = GRID.replace('name = "noscale"\nrecipe = "fmnist_goyal"\n', 'name = "noscale"\nrecipe = "fmnist_goyal"\nseeds = [0, 7]\n')
+    grid = load_grid(str(write_grid(tmp_path, text)))
+    runs = plan_runs(grid)
+    assert [(spec.method, spec.batch, spec.seed, spec.config.run.seed) for spec in runs] == [
+        ("sgd", 32, 0, 0), ("sgd", 64, 0, 0),
+        ("noscale", 32, 0, 0), ("noscale", 32, 7, 7), ("noscale", 64, 0, 0), ("noscale", 64, 7, 7)]
+    assert runs[3].run_dir.name == "noscale-b32-s7"
+    document = json.loads(write_json(build_report(grid, [(spec, "new") for spec in runs]), tmp_path / "r.json")
+                          .read_text())
+    assert document["grid"]["method_seeds"] == {"noscale": [0, 7]}
+
+
 # ---------------------------------------------------------------------------------------------------
 # A bad grid fails before anything is written.
 
@@ -238,6 +251,8 @@ def test_vary_crosses_every_run_and_names_its_directory(tmp_path):
     (("batches = [32, 64]", "batches = [32, 48]"), "method 'sgd', batch 48: data.micro_batch = 32 does not divide"),
     (('"run.threads" = 1', '"run.seed" = 3'), "[sweep.overrides]: run.seed is set by [sweep] seeds"),
     (("target_accuracy = 0.5", "target_accuracy = 50"), "[sweep] target_accuracy = 50"),
+    (('name = "sgd"\n', 'name = "sgd"\nseeds = [1, 1]\n'), "[[method]] 'sgd' seeds = [1, 1]: each value once"),
+    (('name = "sgd"\n', 'name = "sgd"\nseeds = []\n'), "[[method]] 'sgd' seeds = []: expected a non-empty list"),
 ])
 def test_bad_grid_fails_before_any_run_directory(tmp_path, edit, message):
     old, new = edit

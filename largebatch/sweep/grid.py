@@ -18,6 +18,8 @@ A grid is TOML:
     [[method]]                    # one or more
     name = "sgd_goyal"            # letters, digits, '_' and '.'; names the method's run directories
     recipe = "fmnist_goyal"       # a recipe name, or a TOML path (relative: to the grid file's directory)
+    seeds = [0, 1]                # optional: this method's seeds instead of [sweep] seeds (e.g. more seeds
+                                  # for the baseline and the best large-batch method only)
     [method.overrides]            # fields set in this method's runs, e.g. "optim.scaling" = "none"
 
 The runs are method × vary values × batch × seed, in that order of nesting. A run's config is its
@@ -52,7 +54,7 @@ GRID_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 
 SWEEP_KEYS = ("name", "out_dir", "batches", "seeds", "target_accuracy", "stop_at_target", "baseline", "overrides",
               "vary")
-METHOD_KEYS = ("name", "recipe", "overrides")
+METHOD_KEYS = ("name", "recipe", "seeds", "overrides")
 SWEEP_OWNED = {"data.global_batch": "[sweep] batches", "run.seed": "[sweep] seeds",
                "run.target_accuracy": "[sweep] target_accuracy", "run.stop_at_target": "[sweep] stop_at_target",
                "run.out_dir": "[sweep] out_dir", "run.name": "the sweep (one directory per run)",
@@ -70,6 +72,7 @@ class Method:
     name: str
     recipe: str  # a recipe name, or the path of a TOML file
     overrides: Mapping[str, Any]
+    seeds: tuple[int, ...] | None = None  # None: the sweep's seeds
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def plan_runs(grid: Grid) -> list[RunSpec]:
     for method in grid.methods:
         for values in itertools.product(*grid.vary.values()):
             vary = tuple(zip(grid.vary, values))
-            for batch, seed in itertools.product(grid.batches, grid.seeds):
+            for batch, seed in itertools.product(grid.batches, method.seeds or grid.seeds):
                 run_name = "-".join([f"{method.name}-b{batch}-s{seed}",
                                      *(f"{key}={format_value(value)}".replace("/", "_") for key, value in vary)])
                 owned = {"data.global_batch": batch, "run.seed": seed, "run.target_accuracy": grid.target_accuracy,
@@ -222,7 +225,8 @@ def _method(entry: Any, index: int, grid_dir: Path) -> Method:
         raise ConfigError(f"[[method]] {name!r}: recipe is required (a recipe name or the path of a TOML file)")
     if (recipe.endswith(".toml") or "/" in recipe) and not Path(recipe).is_absolute():
         recipe = str(grid_dir / recipe)
-    return Method(name, recipe, _overrides(f"[[method]] {name!r} overrides", entry))
+    seeds = tuple(_ints("seeds", entry, 0, where=f"[[method]] {name!r}")) if "seeds" in entry else None
+    return Method(name, recipe, _overrides(f"[[method]] {name!r} overrides", entry), seeds)
 
 
 def _check_keys(where: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
@@ -256,12 +260,13 @@ def _owned_checked(where: str, fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _ints(key: str, sweep: Mapping[str, Any], low: int, default: list[int] | None = None) -> list[int]:
+def _ints(key: str, table: Mapping[str, Any], low: int, default: list[int] | None = None,
+          where: str = "[sweep]") -> list[int]:
     """A non-empty list of distinct integers >= low."""
-    values = sweep.get(key, default)
+    values = table.get(key, default)
     if (not isinstance(values, list) or not values
             or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values)):
-        raise ConfigError(f"[sweep] {key} = {values!r}: expected a non-empty list of integers >= {low}")
+        raise ConfigError(f"{where} {key} = {values!r}: expected a non-empty list of integers >= {low}")
     if len(set(values)) < len(values):
-        raise ConfigError(f"[sweep] {key} = {values!r}: each value once")
+        raise ConfigError(f"{where} {key} = {values!r}: each value once")
     return values

@@ -145,7 +145,8 @@ def write_json(report: Report, path: Path) -> Path:
     document = {
         "grid": {"path": str(g.path), "name": g.name, "batches": list(g.batches), "seeds": list(g.seeds),
                  "target_accuracy": g.target_accuracy, "stop_at_target": g.stop_at_target, "baseline": g.baseline,
-                 "methods": [m.name for m in g.methods]},
+                 "methods": [m.name for m in g.methods],
+                 "method_seeds": {m.name: list(m.seeds) for m in g.methods if m.seeds}},
         "conventions": {"accuracy_std": "sample standard deviation over seeds (n - 1); null with one seed",
                         "steps_to_target": "step of the first evaluation at or above target_accuracy, mean over "
                                            "the seeds that reached it",
