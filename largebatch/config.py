@@ -173,7 +173,9 @@ class RunConfig:
     out_dir: str = plain("runs", "directory of run directories")
     name: str = plain("", "run directory name under out_dir; default: recipe name + timestamp")
     seed: int = number(0, 0, help="model init (the same on every rank) and data order")
-    precision: str = choice("fp32", ("fp32", "bf16", "fp16", "fp64"), "fp16 needs a GPU; fp64 for checks")
+    precision: str = choice("fp32", ("fp32", "bf16", "fp16", "fp64", "auto"), "fp16 needs a GPU; fp64 for checks; "
+                            "auto: bf16 where the device has bf16 arithmetic (a CUDA GPU that supports it, a CPU "
+                            "with AVX-512 BF16 or AMX), fp32 elsewhere")
     threads: int = number(0, 0, help="torch intra-op threads per process; 0 keeps torch's default")
     log_every: int = number(10, 1, help="steps per train record")
     trust_log_every: int = number(100, 0, help="steps between per-layer trust-ratio records; 0: never")

@@ -29,6 +29,7 @@ from largebatch.evaluate import EvalResult, eval_loader, evaluate
 from largebatch.extensions import Extension
 from largebatch.metrics import progress_bar
 from largebatch.plan import Phase
+from largebatch.precision import resolve as resolve_precision
 from largebatch.run_dir import write_text_atomic
 from largebatch.state import RunState
 from largebatch.step import TrainStep
@@ -110,7 +111,8 @@ def _train(state: RunState, run_dir: Path | None, resumed_from: Path | None, sig
                micro_batch=b.micro_batch, accum_steps=b.accum_steps, bn_batch=b.bn_batch,
                steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps, peak_lr=plan.peak_lr,
                train_samples=train_size, dropped_per_epoch=dropped, skipped_images=state.splits.skipped_images,
-               device=str(env.device), threads=torch.get_num_threads(), **ramp)
+               device=str(env.device), threads=torch.get_num_threads(),
+               precision=resolve_precision(cfg.run.precision, env.device), **ramp)
     if state.splits.skipped_images and env.is_main:
         print(f"largebatch: warning: {state.splits.skipped_images} unreadable image(s) left out "
               "(data.on_bad_image = 'skip')", file=sys.stderr)

@@ -83,3 +83,17 @@ def test_loss_sync_log_never_checkpoints_the_weights_a_nonfinite_step_reached(tm
 def test_fast_path_combinations_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         largebatch.load_config("fmnist_goyal", overrides)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32"), (None, None, "fp32")])
+def test_precision_auto_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    from largebatch.precision import resolve
+
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:  # a torch without the check
+            monkeypatch.delattr(torch.cpu, name)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    assert resolve("auto", torch.device("cpu")) == expected
+    assert resolve("fp32", torch.device("cpu")) == "fp32" and resolve("bf16", torch.device("cpu")) == "bf16"

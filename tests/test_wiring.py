@@ -842,14 +842,21 @@ def run_seed_sets_the_init_and_the_data_order():
 
 
 @probe("run.precision")
-def run_precision_sets_weights_and_autocast():
+def run_precision_sets_weights_and_autocast(tmp_path, monkeypatch):
     x = torch.randn(2, 1, 16, 16)
-    for precision, weights, logits in (("fp32", torch.float32, torch.float32), ("bf16", torch.float32, torch.bfloat16),
-                                       ("fp64", torch.float64, torch.float64)):
+    cases = (("fp32", False, torch.float32, torch.float32), ("bf16", False, torch.float32, torch.bfloat16),
+             ("fp64", False, torch.float64, torch.float64), ("auto", True, torch.float32, torch.bfloat16),
+             ("auto", False, torch.float32, torch.float32))
+    for precision, native, weights, logits in cases:
+        # auto follows the CPU's bf16 instructions, faked both ways here
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         state = built({"run.precision": precision})
         assert {p.dtype for p in state.model.parameters()} == {weights}
         with state.autocast():
             assert state.model(state.place(x, torch.zeros(2, dtype=torch.long))[0]).dtype == logits
+    _, records = trained(tmp_path, {"run.precision": "auto"})  # the plan record says what auto became
+    assert next(r for r in records if r["kind"] == "plan")["precision"] == "fp32"
 
 
 @probe("run.threads")
