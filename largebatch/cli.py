@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     gns = command("gns", "train a recipe briefly and print its gradient noise scale B_simple (the critical batch "
                   "estimate of McCandlish et al. 2018)", cmd_gns)
-    gns.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=recipe_help)
+    gns.add_argument("--recipe", default=recipes.SGD_RECIPE,
+                     help=f"recipe name (see `largebatch recipes`) or path to a TOML file; default {recipes.SGD_RECIPE}")
     gns.add_argument("--steps", type=int, default=100, help="optimizer steps to train (default 100)")
     evaluate = command("eval", "evaluate a run's checkpoint on its test set", cmd_eval)
     evaluate.add_argument("run_dir", help="a run directory (holds config.toml and checkpoints)")

@@ -16,7 +16,7 @@ from largebatch.cli import main
 from largebatch.checkpoint import load_checkpoint
 from multiproc import base_env, run_python
 
-QUICK = ["--data.source", "synthetic", "--data.synthetic_shape", "1,8,8", "--data.synthetic_train", "64",
+QUICK = ["--recipe", "fmnist_goyal", "--data.source", "synthetic", "--data.synthetic_shape", "1,8,8", "--data.synthetic_train", "64",
          "--data.synthetic_test", "16", "--data.global_batch", "32", "--data.bn_batch", "8",
          "--schedule.epochs", "1", "--schedule.warmup_epochs", "0", "--run.progress", "false"]
 
@@ -31,7 +31,7 @@ def test_recipes_lists_one_line_each(capsys):
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("goyal2017 ") for line in lines)
-    assert any(line.startswith("fmnist_goyal ") and line.endswith("(default)") for line in lines)
+    assert any(line.startswith("fmnist_fast ") and line.endswith("(default)") for line in lines)
 
 
 def error_of(capsys, argv):
@@ -154,9 +154,25 @@ def test_config_prints_resolved_toml_and_derived_plan(capsys):
     assert main(["config", "--data.global_batch", "4096", "--optim.sgd.nesterov", "true", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     tree = tomllib.loads(out)  # the derived lines are TOML comments: the output is a valid recipe
-    assert tree["recipe"] == "fmnist_goyal" and tree["data"]["global_batch"] == 4096
+    assert tree["recipe"] == "fmnist_fast" and tree["data"]["global_batch"] == 4096  # the default recipe
     assert tree["optim"]["sgd"]["nesterov"] is True
     assert "2 workers x 16 micro-batches x 128 samples" in out and "peak lr 0.8 " in out
+
+
+def test_train_without_a_recipe_trains_the_default_job(capsys, tmp_path, monkeypatch):
+    """fmnist_fast, on synthetic data for two steps: K-FAC in front of SGD, precision 'auto' as this CPU resolves it."""
+    from largebatch.metrics import read_metrics
+    from largebatch.precision import native_bf16
+
+    argv = ["train", *QUICK[2:], "--run.max_steps", "2", "--run.log_every", "1", "--run.out_dir", str(tmp_path),
+            "--run.name", "r"]
+    assert QUICK[:2] == ["--recipe", "fmnist_goyal"] and main(argv) == 0
+    saved = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
+    assert saved["recipe"] == "fmnist_fast" and saved["optim"]["preconditioner"] == "kfac"
+    records = read_metrics(tmp_path / "r")
+    plan = next(r for r in records if r["kind"] == "plan")
+    assert plan["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert [r["step"] for r in records if r["kind"] == "train" and "kfac_nu" in r] == [1, 2]
 
 
 def test_fp16_without_a_gpu_is_a_one_line_error_before_the_run_directory(capsys, tmp_path):
@@ -191,7 +207,7 @@ def test_skipped_steps_and_a_finished_run_are_said(capsys, tmp_path):
 
 
 def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
-    argv = [sys.executable, "-m", "largebatch", "train", "--data.source", "synthetic", "--data.synthetic_shape",
+    argv = [sys.executable, "-m", "largebatch", "train", "--recipe", "fmnist_goyal", "--data.source", "synthetic", "--data.synthetic_shape",
             "1,32,32", "--data.synthetic_train", "2048", "--data.synthetic_test", "16", "--data.global_batch", "32",
             "--data.bn_batch", "8", "--schedule.epochs", "3", "--schedule.warmup_epochs", "0", "--run.progress",
             "false", "--run.log_every", "1", "--run.out_dir", str(tmp_path), "--run.name", "r"]

@@ -37,7 +37,7 @@ OPTIMIZER_ARGS = {
 
 
 def train_argv(out, name, global_batch, micro_batch, bn_batch, optimizer="sgd"):
-    return ["-m", "largebatch", "train", *SYNTHETIC, *OPTIMIZER_ARGS[optimizer],
+    return ["-m", "largebatch", "train", "--recipe", "fmnist_goyal", *SYNTHETIC, *OPTIMIZER_ARGS[optimizer],
             "--data.global_batch", str(global_batch), "--data.micro_batch", str(micro_batch),
             "--data.bn_batch", str(bn_batch), "--run.out_dir", str(out), "--run.name", name]
 

@@ -16,7 +16,7 @@ from largebatch.checkpoint import load_checkpoint
 from multiproc import REPO, base_env, free_port, run_python, run_ranks
 from test_distributed import parameters, train_argv
 
-QUICK = ["--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
+QUICK = ["--recipe", "fmnist_goyal", "--data.source", "synthetic", "--data.synthetic_shape", "1,16,16", "--data.synthetic_train", "256",
          "--data.synthetic_test", "64", "--data.global_batch", "64", "--data.bn_batch", "16",
          "--schedule.epochs", "2", "--schedule.warmup_epochs", "1", "--schedule.decay", "cosine",
          "--run.progress", "false"]

@@ -86,8 +86,8 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
                "--data.micro_batch 32 --dist.first_bucket_cap_mb 0.5 (see `largebatch train --help`); the "
                "bucket size and the hook are the grid's. Under torchrun: torchrun --nproc-per-node N -m "
                "largebatch bench comm ...")
-    comm.add_argument("--recipe", default=recipes.DEFAULT_RECIPE, help=f"the recipe whose model and micro-batch are "
-                      f"measured (default {recipes.DEFAULT_RECIPE})")
+    comm.add_argument("--recipe", default=recipes.SGD_RECIPE, help=f"the recipe whose model and micro-batch are "
+                      f"measured (default {recipes.SGD_RECIPE})")
     comm.add_argument("--bucket-mb", type=bucket_sizes, default=DEFAULT_BUCKETS_MB, metavar="MB,...",
                       help="bucket sizes (dist.bucket_cap_mb) to measure (default 1,5,25,100)")
     comm.add_argument("--hooks", type=hook_names, metavar="HOOK,...", help=f"comm hooks to measure, of "
