@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from largebatch.config import Config
-from largebatch.data import DataSplits, defer_normalization, load_splits
+from largebatch.data import DataSplits, defer_decoding, defer_normalization, load_splits
+from largebatch.data.prepared import EncodedImages
 from largebatch.data.sampler import GlobalBatchSampler
 from largebatch.data.transforms import normalize
 from largebatch.data.verify import unreadable_images
@@ -80,11 +81,14 @@ def input_placement(cfg: Config, device: torch.device,
                     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
                     ) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Moves a batch to the device in the model's dtype and memory format (the same in train and eval);
-    with `normalization` (mean, std), the batch arrives as uint8 and is normalised once on the device."""
+    with `normalization` (mean, std), the batch arrives as uint8, or still as JPEGs (`EncodedImages`, decoded
+    on the device), and is normalised once on the device."""
     dtype = param_dtype(cfg.run.precision)
     layout = memory_format(cfg)
 
-    def place(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def place(x: torch.Tensor | EncodedImages, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(x, EncodedImages):
+            x = x.decode(device)
         if normalization is not None:
             x = normalize(x.to(device, non_blocking=True), *normalization)
         return x.to(device, dtype, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
@@ -95,7 +99,10 @@ def input_placement(cfg: Config, device: torch.device,
 def data_placement(cfg: Config, splits: DataSplits, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor],
                                                                                        tuple]:
     """`input_placement` for the batches of `splits`: with data.normalize_on = "device" the datasets are made to
-    deliver uint8 and the placement normalises them after the transfer."""
+    deliver uint8 and the placement normalises them after the transfer; with data.decode_on = "device" too,
+    prepared JPEG shards deliver their bytes and the placement decodes them on the device first."""
+    if cfg.data.decode_on == "device":
+        defer_decoding(splits)
     normalization = defer_normalization(splits) if cfg.data.normalize_on == "device" else None
     return input_placement(cfg, device, normalization)
 

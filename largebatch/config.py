@@ -54,6 +54,10 @@ class DataConfig:
     normalize_on: str = choice("loader", ("loader", "device"), "where augmented uint8 images become normalised "
                                "float32: in the DataLoader (its workers), or after the transfer to the device (4x "
                                "fewer bytes from the workers and to a GPU); not for the folder source")
+    decode_on: str = choice("loader", ("loader", "device"), "prepared JPEG shards: decode in the DataLoader (its "
+                            "workers), or on the training device after the transfer (torchvision's batched "
+                            "decode_jpeg: nvJPEG on a GPU; compressed bytes leave the workers); needs "
+                            "normalize_on = 'device'")
     verify: str = choice("sha256", ("sha256", "size"), "prepared: check every data file's sha256 against the index "
                          "(reads the data set once per run), or only that each is there with its size")
     synthetic_shape: tuple[int, ...] = plain((3, 32, 32), "synthetic images: [channels, height, width]")
@@ -477,6 +481,12 @@ def validate_relations(cfg: Config) -> None:
     d = cfg.data
     if d.source in ("npz", "idx", "cifar10", "cifar100", "folder", "prepared") and not d.path:
         raise ConfigError(f"data.path is required when data.source = {d.source!r}")
+    if d.decode_on == "device" and d.source != "prepared":
+        raise ConfigError(f"data.decode_on = 'device' decodes prepared JPEG shards (data.source = 'prepared'), not "
+                          f"data.source = {d.source!r}; use data.decode_on = 'loader'")
+    if d.decode_on == "device" and d.normalize_on != "device":
+        raise ConfigError("data.decode_on = 'device' makes the batch on the device, so it is normalised there too: "
+                          "set data.normalize_on = 'device'")
     if d.normalize_on == "device" and d.source == "folder":
         raise ConfigError("data.normalize_on = 'device' needs batched uint8 data: the folder source normalises in its "
                           "PIL transforms (prepare the tree with `largebatch prepare` and use data.source = 'prepared')")

@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 
 import largebatch
 from largebatch.cli import main
-from largebatch.data import DatasetError, collate_batch, load_splits
+from largebatch.config import ConfigError
+from largebatch.data import DatasetError, collate_batch, defer_normalization, load_splits
 from largebatch.data import prepared as prepared_format
 from largebatch.data.prepare import prepare
 from largebatch.data.prepared import INDEX_NAME
@@ -383,3 +384,71 @@ def test_prepared_batches_stay_uint8_for_normalising_on_the_device(jpeg_dir):
         expected, labels = getattr(in_loader, split).__getitems__([0, 3, 1])
         assert x.dtype == torch.uint8 and torch.equal(y, labels)
         assert torch.equal(normalize(x, mean, std), expected)
+
+
+# --------------------------------------------------------------------------- decoding on the device
+
+
+def jpeg_run(jpeg_dir: Path, out: Path, name: str, overrides: dict) -> list[float]:
+    """Per-step losses and test losses of a short run on the prepared JPEG shards, with crops and flips."""
+    cfg = largebatch.load_config("fmnist_goyal", {
+        "data.source": "prepared", "data.path": str(jpeg_dir), "data.image_size": 16, "data.augment": "imagenet",
+        "data.global_batch": 4, "data.micro_batch": 2, "data.bn_batch": 0, "data.eval_batch": 6,
+        "data.normalize_on": "device", "schedule.epochs": 2, "schedule.warmup_epochs": 0, "run.log_every": 1,
+        "run.progress": False, "run.checkpoint": False, "run.out_dir": str(out), "run.name": name} | overrides)
+    records = read_metrics(largebatch.run(cfg).run_dir)
+    return [r["loss"] if r["kind"] == "train" else r["test_loss"] for r in records if r["kind"] in ("train", "epoch")]
+
+
+def test_decoding_on_the_device_trains_what_decoding_in_the_loader_trains(jpeg_dir, tmp_path):
+    """data.decode_on = device: the loader hands over the JPEG bytes, the placement decodes, cuts and flips;
+    the random cuts are drawn from the same generator in the same order, so on the CPU the run is the same."""
+    in_loader = jpeg_run(jpeg_dir, tmp_path, "loader", {})
+    on_device = jpeg_run(jpeg_dir, tmp_path, "device", {"data.decode_on": "device"})
+    assert len(in_loader) == 2 * (3 + 1) and on_device == in_loader  # 12 images: 3 steps and a test per epoch
+
+
+def test_encoded_batches_leave_the_loader_as_bytes_and_decode_to_the_loaders_batch(jpeg_dir):
+    from largebatch.data import defer_decoding
+    from largebatch.data.prepared import EncodedImages
+
+    decoded = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    encoded = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    defer_normalization(decoded), defer_normalization(encoded), defer_decoding(encoded)
+    for split in ("train", "test"):
+        loader = torch.utils.data.DataLoader(getattr(encoded, split), batch_sampler=[[0, 3, 1]],
+                                             collate_fn=collate_batch, num_workers=2)
+        (x, y), = list(loader)
+        expected, labels = getattr(decoded, split).__getitems__([0, 3, 1])
+        assert isinstance(x, EncodedImages) and len(x) == 3 and all(p.dtype == torch.uint8 and p.dim() == 1
+                                                                    for p in x.payloads)
+        dataset = getattr(encoded, split)
+        assert all(torch.equal(p, dataset.payload(i)) for p, i in zip(x.payloads, [0, 3, 1]))  # the shards' bytes
+        assert torch.equal(y, labels) and torch.equal(x.decode(torch.device("cpu")), expected)
+        pinned = x.pin_memory() if torch.cuda.is_available() else x
+        assert torch.equal(pinned.decode(torch.device("cpu")), expected)
+
+
+def test_a_corrupt_jpeg_decoded_on_the_device_names_its_shard(jpeg_dir):
+    from largebatch.data import defer_decoding
+
+    splits = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    defer_decoding(splits)
+    x, _ = splits.train.__getitems__([0])
+    x.payloads[0] = x.payloads[0][:20].clone()
+    with pytest.raises(DatasetError, match=r"cannot decode a JPEG read from prepared shard\(s\) .*train-000000.tar"):
+        x.decode(torch.device("cpu"))
+
+
+def test_decoding_on_the_device_is_refused_where_it_cannot_work(tmp_path):
+    from largebatch.data import defer_decoding
+
+    with pytest.raises(ConfigError, match="data.decode_on = 'device' decodes prepared JPEG shards"):
+        largebatch.load_config("fmnist_goyal", {"data.decode_on": "device", "data.normalize_on": "device"})
+    with pytest.raises(ConfigError, match="set data.normalize_on = 'device'"):
+        largebatch.load_config("fmnist_goyal", {"data.decode_on": "device", "data.source": "prepared",
+                                                "data.path": str(tmp_path)})
+    write_npz(tmp_path / "a.npz", (8, 8))
+    prepare(str(tmp_path / "a.npz"), tmp_path / "arrays", source="npz")
+    with pytest.raises(DatasetError, match="holds uint8 arrays, which need no decoding"):
+        defer_decoding(load_splits("prepared", str(tmp_path / "arrays")))

@@ -1013,6 +1013,23 @@ def data_normalize_on_moves_normalisation_from_the_loader_to_the_device():
     assert torch.equal(batches["loader"], batches["device"])
 
 
+@probe("data.decode_on")
+def data_decode_on_moves_jpeg_decoding_from_the_loader_to_the_placement(tmp_path):
+    from largebatch.data.prepared import EncodedImages
+
+    prepare(str(image_folder(tmp_path / "images")), tmp_path / "prepared", workers=1)
+    prepared = FOLDER | {"data.source": "prepared", "data.path": str(tmp_path / "prepared"), "data.augment": "none",
+                         "data.normalize_on": "device"}
+    batches = {}
+    for where in ("loader", "device"):
+        state = built(prepared | {"data.decode_on": where})
+        for split in (state.splits.train, state.splits.test):
+            x, y = split.__getitems__([0, 1, 2])
+            assert isinstance(x, EncodedImages) == (where == "device")
+        batches[where] = state.place(x, y)[0]
+    assert batches["loader"].dtype == torch.float32 and torch.equal(batches["loader"], batches["device"])
+
+
 @probe("run.loss_sync")
 def run_loss_sync_keeps_the_loss_on_the_device_and_checks_it_at_the_log_interval(tmp_path):
     for sync, kind in (("step", float), ("log", torch.Tensor)):

@@ -11,6 +11,7 @@ from .datasets import (
     FolderDataset,
     TensorImageDataset,
     collate_batch,
+    defer_decoding,
     defer_normalization,
     load_splits,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "FolderDataset",
     "TensorImageDataset",
     "collate_batch",
+    "defer_decoding",
     "defer_normalization",
     "load_splits",
 ]

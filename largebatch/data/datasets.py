@@ -124,12 +124,24 @@ def defer_normalization(splits: DataSplits) -> tuple[tuple[float, ...], tuple[fl
     return splits.train.mean, splits.train.std
 
 
+def defer_decoding(splits: DataSplits) -> None:
+    """Make both splits of prepared JPEG shards deliver their batches still encoded, to be decoded on the
+    training device (data.decode_on = "device"; `prepared.EncodedImages`)."""
+    datasets = (splits.train, splits.test)
+    if not all(isinstance(d, prepared.JpegShardDataset) for d in datasets):
+        raise DatasetError("data.decode_on = 'device' decodes prepared JPEG shards; this prepared directory holds "
+                           "uint8 arrays, which need no decoding (use data.decode_on = 'loader')")
+    for dataset in datasets:
+        dataset.decode_in_loader = False
+
+
 def collate_batch(batch: tuple[torch.Tensor, torch.Tensor] | list) -> tuple[torch.Tensor, torch.Tensor]:
     """DataLoader collate_fn: pass an already batched ``(x, y)`` from ``__getitems__`` straight through.
 
     A list of single ``(x, y)`` samples (from a dataset without ``__getitems__``) is stacked instead.
     """
-    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 4:
+    if isinstance(batch, tuple) and len(batch) == 2 and (
+            isinstance(batch[0], prepared.EncodedImages) or isinstance(batch[0], torch.Tensor) and batch[0].dim() == 4):
         return batch
     return torch.stack([x for x, _ in batch]), torch.as_tensor([int(y) for _, y in batch], dtype=torch.long)
 

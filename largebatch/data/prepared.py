@@ -173,11 +173,40 @@ def jpeg_split(data: Prepared, split: str) -> tuple[list[Path], np.ndarray]:
     return shards, samples
 
 
+class EncodedImages:
+    """A batch's JPEG payloads still encoded, as the loader hands them over when decoding happens on the
+    training device (data.decode_on = "device"): `decode` there makes the uint8 batch, so a GPU decodes
+    with nvJPEG and only compressed bytes leave the loader. `where` names the shards for errors."""
+
+    def __init__(self, payloads: list[torch.Tensor], geometry: Callable[[torch.Tensor], torch.Tensor],
+                 where: str) -> None:
+        self.payloads = payloads
+        self.geometry = geometry
+        self.where = where
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def pin_memory(self) -> EncodedImages:
+        """Called by a DataLoader with pin_memory = True: the payloads in page-locked memory."""
+        return EncodedImages([payload.pin_memory() for payload in self.payloads], self.geometry, self.where)
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        """The uint8 B×3×H×W batch on `device`: every JPEG decoded there in one batched call, then cut by
+        the geometry, whose random draws come from torch's global (CPU) generator wherever it runs."""
+        try:
+            images = decode_jpeg(self.payloads, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            raise DatasetError(f"cannot decode a JPEG read from prepared shard(s) {self.where}: {e}") from e
+        return torch.stack([self.geometry(image) for image in images])
+
+
 class JpegShardDataset(Dataset):
     """The samples of one split of a 'jpeg' directory: a batch's JPEGs are read by index from the open
     shards, decoded together (`torchvision.io.decode_jpeg` given the list), cut by `geometry` (one uint8
     C×H×W tensor at a time, e.g. `transforms.folder_geometry`), stacked and normalised by `mean`/`std`
-    (per channel, on the [0, 1] scale)."""
+    (per channel, on the [0, 1] scale). With `decode_in_loader` False a batch leaves as `EncodedImages`
+    (read, not decoded), and the placement on the device does the rest."""
 
     def __init__(self, shards: Sequence[Path], samples: np.ndarray, geometry: Callable[[torch.Tensor], torch.Tensor],
                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -188,6 +217,7 @@ class JpegShardDataset(Dataset):
         self.mean = mean
         self.std = std
         self.normalize_in_loader = True  # False: batches stay uint8 (see datasets.defer_normalization)
+        self.decode_in_loader = True  # False: batches leave encoded (see datasets.defer_decoding)
         self._files: dict[int, int] = {}  # shard number -> open descriptor; pread needs no shared position
 
     def __len__(self) -> int:
@@ -204,16 +234,15 @@ class JpegShardDataset(Dataset):
                                f"{offset + size}): the file was truncated; prepare the data set again")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read, decode, cut and normalise a whole batch into (x float32 [B,3,H,W], y int64 [B])."""
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor | EncodedImages, torch.Tensor]:
+        """Read, decode, cut and normalise a whole batch into (x float32 [B,3,H,W], y int64 [B]); x stays
+        uint8 without `normalize_in_loader` and encoded without `decode_in_loader`."""
         index = np.asarray(indices, dtype=np.int64)
-        payloads = [self.payload(i) for i in index]
-        try:
-            images = decode_jpeg(payloads, mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            shards = sorted({str(self.shards[s]) for s in self.samples[index, 0]})
-            raise DatasetError(f"cannot decode a JPEG read from prepared shard(s) {', '.join(shards)}: {e}") from e
-        batch = torch.stack([self.geometry(image) for image in images])
+        where = ", ".join(sorted({str(self.shards[s]) for s in self.samples[index, 0]}))
+        encoded = EncodedImages([self.payload(i) for i in index], self.geometry, where)
+        if not self.decode_in_loader:
+            return encoded, self.labels[index]
+        batch = encoded.decode(torch.device("cpu"))
         return normalize(batch, self.mean, self.std) if self.normalize_in_loader else batch, self.labels[index]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
