@@ -365,7 +365,8 @@ def test_bench_data_times_every_pipeline(tmp_path, capsys):
     assert record["benchmark"] == "bench_data" and "machine" in record
     assert (record["train_images"], record["classes"], record["image_size"]) == (40, 4, 32)
     rows = {row["name"]: row for row in record["rows"]}
-    assert set(rows) == {"folder", "prepared", "prepared_uint8"} and rows["folder"]["ratio"] == 1.0
+    assert set(rows) == {"folder", "prepared", "prepared_uint8", "prepared_encoded"} and rows["folder"]["ratio"] == 1.0
+    assert record["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert all(row["images_per_s"] > 0 and len(row["runs"]) == 1 for row in rows.values())
     assert "prepared: prepared JPEG shards" in capsys.readouterr().out
 

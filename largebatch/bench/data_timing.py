@@ -1,6 +1,7 @@
 """Timing the training data path for `largebatch bench data`: the trainer's own DataLoader (its sampler,
 workers and collate function, `train.make_train_loader`) over the folder source and over its prepared
-JPEG shards, the same number of batches each, in turns.
+JPEG shards, the same number of batches each, in turns; what the trainer's placement still does to a
+uint8 or encoded batch on the device (normalising; decoding first) counts in those rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from largebatch.bench.image_tree import write_tree
 from largebatch.config import DataConfig, plan_batches
-from largebatch.data import defer_normalization, load_splits
+from largebatch.data import defer_decoding, defer_normalization, load_splits
 from largebatch.data.prepare import prepare
 from largebatch.data.sampler import GlobalBatchSampler
 from largebatch.data.transforms import normalize
@@ -24,13 +25,15 @@ from largebatch.dist.threads import usable_cores
 from largebatch.train import make_train_loader
 
 PIPELINES = {"folder": "ImageFolder + PIL + v2 transforms", "prepared": "prepared JPEG shards + decode_jpeg",
-             "prepared_uint8": "the same, normalised after the loader (uint8 out)"}
+             "prepared_uint8": "the same, normalised after the loader (uint8 out)",
+             "prepared_encoded": "the same, decoded after the loader (JPEG bytes out)"}
 
 
 @dataclass(frozen=True)
 class Loading:
     """What to time: `batches` training batches of `batch` images cut to `image_size` px, after `warmup`
-    batches (workers starting), with `workers` DataLoader workers, `repeats` times per pipeline in turns."""
+    batches (workers starting), with `workers` DataLoader workers, `repeats` times per pipeline in turns;
+    batches that leave the loader uint8 or encoded are finished on `device`."""
 
     image_size: int
     batch: int
@@ -39,6 +42,7 @@ class Loading:
     workers: int
     repeats: int
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,12 @@ def epochs_of(loader: torch.utils.data.DataLoader, sampler: GlobalBatchSampler) 
 def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading,
                  finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Training images per second the trainer's DataLoader delivers from `dataset`, loading alone; `finish`,
-    what the main process still does to each batch (normalising uint8 batches), counts too."""
+    what the main process still does to each batch on the device (decoding, normalising), counts too, up to
+    its last kernel."""
     plan = plan_batches(DataConfig(global_batch=loading.batch, micro_batch=0, bn_batch=0), 1)
     sampler = GlobalBatchSampler(len(dataset), plan, 0, loading.seed)
-    loader = make_train_loader(dataset, sampler, loading.workers, torch.device("cpu"), loading.seed)
+    device = torch.device(loading.device)
+    loader = make_train_loader(dataset, sampler, loading.workers, device, loading.seed)
     batches = epochs_of(loader, sampler)
     for _ in range(loading.warmup):
         next(batches)
@@ -90,6 +96,8 @@ def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading,
         x, _ = next(batches)
         if finish is not None:
             finish(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return loading.batches * loading.batch / (time.perf_counter() - start)
 
 
@@ -108,9 +116,13 @@ def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_
         splits = {pipeline: load_splits(source, str(path), "auto", image_size=loading.image_size)
                   for pipeline, source, path in (("folder", "folder", root),
                                                  ("prepared", "prepared", Path(tmp) / "prepared"),
-                                                 ("prepared_uint8", "prepared", Path(tmp) / "prepared"))}
+                                                 ("prepared_uint8", "prepared", Path(tmp) / "prepared"),
+                                                 ("prepared_encoded", "prepared", Path(tmp) / "prepared"))}
+        device = torch.device(loading.device)
         normalization = defer_normalization(splits["prepared_uint8"])
-        finish = {"prepared_uint8": lambda x: normalize(x, *normalization)}
+        defer_normalization(splits["prepared_encoded"]), defer_decoding(splits["prepared_encoded"])
+        finish = {"prepared_uint8": lambda x: normalize(x.to(device, non_blocking=True), *normalization),
+                  "prepared_encoded": lambda x: normalize(x.decode(device), *normalization)}
         runs: dict[str, list[float]] = {pipeline: [] for pipeline in splits}
         for _ in range(loading.repeats):
             for pipeline, data in splits.items():
