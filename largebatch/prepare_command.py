@@ -37,6 +37,9 @@ def add_prepare_command(commands: argparse._SubParsersAction) -> argparse.Argume
                          "from a folder: the square's side")
     prepare.add_argument("--quality", type=int, help="jpeg: PIL JPEG quality 1..100 (default 90)")
     prepare.add_argument("--shard-mb", type=float, help="jpeg: shard size cap in MB (default 256)")
+    prepare.add_argument("--raw-fraction", type=float, help="jpeg: fraction of the images stored as uncompressed "
+                         "pixels (.npy members), which training copies instead of decoding: CPU time traded for "
+                         "disk, about 6x a JPEG's bytes per raw image, as FFCV's compress_probability (default 0)")
     prepare.add_argument("--workers", type=int, default=0, help="processes re-encoding images (default: one per "
                          "usable core)")
     prepare.add_argument("--overwrite", action="store_true", help="replace DST if it is a prepared data set")
@@ -49,7 +52,8 @@ def cmd_prepare(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from largebatch.data.prepare import prepare
     from largebatch.dist.threads import usable_cores
 
-    given = {"quality": args.quality, "shard_mb": args.shard_mb}  # the others keep prepare's defaults
+    given = {"quality": args.quality, "shard_mb": args.shard_mb,  # the others keep prepare's defaults
+             "raw_fraction": args.raw_fraction}
     index = prepare(args.src, args.dst, source=args.source, layout=args.layout, max_side=args.max_side,
                     workers=args.workers or usable_cores(), overwrite=args.overwrite,
                     **{name: value for name, value in given.items() if value is not None})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -365,7 +366,9 @@ def test_bench_data_times_every_pipeline(tmp_path, capsys):
     assert record["benchmark"] == "bench_data" and "machine" in record
     assert (record["train_images"], record["classes"], record["image_size"]) == (40, 4, 32)
     rows = {row["name"]: row for row in record["rows"]}
-    assert set(rows) == {"folder", "prepared", "prepared_uint8", "prepared_encoded"} and rows["folder"]["ratio"] == 1.0
+    assert set(rows) == {"folder", "prepared", "prepared_uint8", "prepared_encoded", "prepared_raw"}
+    assert rows["folder"]["ratio"] == 1.0 and record["raw_fraction"] == 0.5
+    assert record["raw_bytes_per_image"] > record["prepared_bytes_per_image"]  # pixels take more room than JPEGs
     assert record["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert all(row["images_per_s"] > 0 and len(row["runs"]) == 1 for row in rows.values())
     assert "prepared: prepared JPEG shards" in capsys.readouterr().out
@@ -437,7 +440,7 @@ def test_a_corrupt_jpeg_decoded_on_the_device_names_its_shard(jpeg_dir):
     defer_decoding(splits)
     x, _ = splits.train.__getitems__([0])
     x.payloads[0] = x.payloads[0][:20].clone()
-    with pytest.raises(DatasetError, match=r"cannot decode a JPEG read from prepared shard\(s\) .*train-000000.tar"):
+    with pytest.raises(DatasetError, match=r"cannot decode an image read from prepared shard\(s\) .*train-000000.tar"):
         x.decode(torch.device("cpu"))
 
 
@@ -453,3 +456,58 @@ def test_decoding_on_the_device_is_refused_where_it_cannot_work(tmp_path):
     prepare(str(tmp_path / "a.npz"), tmp_path / "arrays", source="npz")
     with pytest.raises(DatasetError, match="holds uint8 arrays, which need no decoding"):
         defer_decoding(load_splits("prepared", str(tmp_path / "arrays")))
+
+
+# --------------------------------------------------------------------------- images stored raw
+
+
+def test_a_raw_fraction_stores_those_images_as_their_pixels_and_reads_them_exactly(tree, jpeg_dir, tmp_path):
+    """--raw-fraction 0.5: about half the images (a fixed draw) are .npy members holding exactly the resized
+    pixels that the JPEG of the same image encodes; training reads every sample once, with its label, the
+    raw ones bit-exact and the JPEG ones as the all-JPEG copy has them, in the loader or on the device."""
+    from largebatch.data import defer_decoding
+    from largebatch.data.prepare import bounded_image
+
+    index = prepare(str(tree), tmp_path / "raw", max_side=24, workers=1, raw_fraction=0.5)
+    assert index["raw_fraction"] == 0.5
+    again = prepare(str(tree), tmp_path / "raw2", max_side=24, workers=2, raw_fraction=0.5)
+    assert again["files"] == index["files"]  # the same images raw, the same bytes
+    folder = load_splits("folder", str(tree), "none")
+    mixed = load_splits("prepared", str(tmp_path / "raw"), "none", image_size=16)
+    jpeg = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    stored_raw = {}
+    for split in ("train", "test"):
+        source, dataset, reference = getattr(folder, split), getattr(mixed, split), getattr(jpeg, split)
+        raw = [bytes(dataset.payload(i)[:6].tolist()) == b"\x93NUMPY" for i in range(len(dataset))]
+        assert sum(raw) == index["splits"][split]["raw"] and 0 < sum(raw) < len(raw)
+        assert dataset.labels.tolist() == source.targets
+        for i, (path, _) in enumerate(source.samples):
+            if raw[i]:
+                pixels = np.load(io.BytesIO(dataset.payload(i).numpy().tobytes()))
+                assert np.array_equal(pixels, np.asarray(bounded_image(path, 24)))
+            else:
+                assert torch.equal(dataset.payload(i), reference.payload(i))
+        x, _ = every_sample(dataset)
+        expected, _ = every_sample(reference)
+        assert torch.equal(x[~torch.tensor(raw)], expected[~torch.tensor(raw)])
+        assert (x[torch.tensor(raw)] - expected[torch.tensor(raw)]).abs().mean() < 0.15  # pixels vs their JPEG
+        stored_raw[split] = raw
+    with tarfile.open(mixed.train.shards[0]) as tar:  # webdataset naming: <key>.npy for the raw images
+        images = [m.name for m in tar.getmembers() if not m.name.endswith(".cls")]
+        assert [name.endswith(".npy") for name in images] == [stored_raw["train"][int(name[:8])] for name in images]
+        assert all(name.endswith((".npy", ".jpg")) for name in images)
+    defer_normalization(mixed), defer_decoding(mixed)
+    encoded, _ = mixed.test.__getitems__(list(range(len(mixed.test))))
+    in_loader = load_splits("prepared", str(tmp_path / "raw"), "none", image_size=16)
+    defer_normalization(in_loader)
+    assert torch.equal(encoded.decode(torch.device("cpu")), every_sample(in_loader.test)[0])
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"raw_fraction": 1.5}, "--raw-fraction must be in [0, 1], got 1.5"),
+    ({"raw_fraction": 0.5, "layout": "array", "max_side": 16}, "--raw-fraction stores some images of JPEG shards raw"),
+])
+def test_a_raw_fraction_that_cannot_work_is_refused(tree, tmp_path, kwargs, expected):
+    with pytest.raises(DatasetError, match=re.escape(expected)):
+        prepare(str(tree), tmp_path / "p", workers=1, **kwargs)
+    assert not (tmp_path / "p").exists()

@@ -2,7 +2,8 @@
 an ImageNet-style JPEG tree through the folder source (torchvision ImageFolder, PIL decoding, v2
 transforms, one image at a time) against its `largebatch prepare` copy (JPEG shards read by offset and
 decoded a batch at a time), normalised in the loader or, as `data.normalize_on = "device"` does, after it
-from uint8 batches, or decoded after it as well (`data.decode_on = "device"`; on a GPU, nvJPEG). The tree is generated (photo-sized images with ImageNet-sized JPEG files,
+from uint8 batches, or decoded after it as well (`data.decode_on = "device"`; on a GPU, nvJPEG), and from a
+copy with a fraction of the images stored raw (`prepare --raw-fraction`, FFCV's trade of disk for decoding). The tree is generated (photo-sized images with ImageNet-sized JPEG files,
 seeded) unless `--tree` names one to reuse; every pipeline runs through the trainer's own DataLoader with
 the same workers, batch and number of batches, in turns, and the best run of each is reported (another
 process on the machine can only slow a run down). Prints a table and writes it as JSON.
@@ -51,6 +52,8 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
     data.add_argument("--repeats", type=at_least(1), default=2, help="runs per pipeline, in turns (default 2)")
     data.add_argument("--max-side", type=at_least(8), help="prepare's --max-side (default: its default, 384)")
     data.add_argument("--quality", type=at_least(1), help="prepare's --quality (default: its default, 90)")
+    data.add_argument("--raw-fraction", type=float, default=0.5, help="prepare's --raw-fraction for the row of a "
+                      "copy with that fraction of the images stored raw (default 0.5, FFCV's default)")
     data.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where batches that leave "
                       "the loader uint8 or as JPEG bytes are normalised and decoded, as the trainer's placement "
                       "does (default auto: cuda when torch sees a GPU)")
@@ -69,7 +72,7 @@ def cmd_bench_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     loading = Loading(args.image_size, args.batch, args.batches, args.warmup, args.workers, args.repeats, args.seed,
                       bench_device(args.device))
-    result = measure(args.tree, args.images, args.classes, loading, args.max_side, args.quality)
+    result = measure(args.tree, args.images, args.classes, loading, args.max_side, args.quality, args.raw_fraction)
     print(table(loading, result))
     write_record(args.json, "bench_data", {
         "tree": str(args.tree) if args.tree else None, **dataclasses.asdict(loading),
@@ -91,7 +94,8 @@ def table(loading: Loading, result: DataResult) -> str:
     r = result
     lines = [f"{r.train_images} training images in {r.classes} classes, {r.tree_bytes_per_image / 1e3:.0f} KB per "
              f"JPEG file; prepared at max side {r.max_side} px, quality {r.quality}: "
-             f"{r.prepared_bytes_per_image / 1e3:.0f} KB per image, {r.prepare_s:.1f} s to prepare",
+             f"{r.prepared_bytes_per_image / 1e3:.0f} KB per image, {r.prepare_s:.1f} s to prepare; with "
+             f"{r.raw_fraction:g} of them raw, {r.raw_bytes_per_image / 1e3:.0f} KB per image",
              f"{loading.image_size} px training batches of {loading.batch}, {loading.workers} DataLoader worker(s), "
              f"uint8 and encoded batches finished on {loading.device}; best of {loading.repeats} run(s) of "
              f"{loading.batches} batches after {loading.warmup} warm-up",

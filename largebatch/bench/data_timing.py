@@ -26,7 +26,8 @@ from largebatch.train import make_train_loader
 
 PIPELINES = {"folder": "ImageFolder + PIL + v2 transforms", "prepared": "prepared JPEG shards + decode_jpeg",
              "prepared_uint8": "the same, normalised after the loader (uint8 out)",
-             "prepared_encoded": "the same, decoded after the loader (JPEG bytes out)"}
+             "prepared_encoded": "the same, decoded after the loader (JPEG bytes out)",
+             "prepared_raw": "prepared shards with a fraction stored raw (--raw-fraction)"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class DataResult:
     max_side: int
     quality: int
     prepare_s: float
+    raw_fraction: float
+    raw_bytes_per_image: float  # of the copy with raw_fraction of the images stored raw
     rows: tuple[DataRow, ...]
 
 
@@ -102,9 +105,10 @@ def loading_rate(dataset: torch.utils.data.Dataset, loading: Loading,
 
 
 def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_side: int | None = None,
-            quality: int | None = None) -> DataResult:
+            quality: int | None = None, raw_fraction: float = 0.5) -> DataResult:
     """Generate the JPEG tree (at `tree` when it is not there yet, else in a temporary directory; a tree at
-    `tree` is used as it is), prepare it, and time both pipelines."""
+    `tree` is used as it is), prepare it (all JPEG, and with `raw_fraction` of the images raw), and time
+    every pipeline."""
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         root = tree or Path(tmp) / "tree"
         if not (root / "train").is_dir():
@@ -113,11 +117,14 @@ def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_
         start = time.perf_counter()
         index = prepare(str(root), Path(tmp) / "prepared", workers=usable_cores(), **options)
         prepare_s = time.perf_counter() - start
+        raw_index = prepare(str(root), Path(tmp) / "prepared_raw", workers=usable_cores(), raw_fraction=raw_fraction,
+                            **options)
         splits = {pipeline: load_splits(source, str(path), "auto", image_size=loading.image_size)
                   for pipeline, source, path in (("folder", "folder", root),
                                                  ("prepared", "prepared", Path(tmp) / "prepared"),
                                                  ("prepared_uint8", "prepared", Path(tmp) / "prepared"),
-                                                 ("prepared_encoded", "prepared", Path(tmp) / "prepared"))}
+                                                 ("prepared_encoded", "prepared", Path(tmp) / "prepared"),
+                                                 ("prepared_raw", "prepared", Path(tmp) / "prepared_raw"))}
         device = torch.device(loading.device)
         normalization = defer_normalization(splits["prepared_uint8"])
         defer_normalization(splits["prepared_encoded"]), defer_decoding(splits["prepared_encoded"])
@@ -129,8 +136,9 @@ def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_
                 runs[pipeline].append(loading_rate(data.train, loading, finish.get(pipeline)))
         folder = splits["folder"].train
         tree_bytes = sum(Path(path).stat().st_size for path, _ in folder.samples)
-        prepared_bytes = sum(entry["bytes"] for name, entry in index["files"].items() if name.startswith("train-"))
+        prepared_bytes, raw_bytes = (sum(entry["bytes"] for name, entry in i["files"].items() if name.startswith("train-"))
+                                     for i in (index, raw_index))
         return DataResult(len(folder), len(folder.classes), tree_bytes / len(folder), prepared_bytes / len(folder),
-                          index["max_side"], index["quality"], prepare_s,
+                          index["max_side"], index["quality"], prepare_s, raw_fraction, raw_bytes / len(folder),
                           tuple(DataRow(PIPELINES[pipeline], pipeline, tuple(rates))
                                 for pipeline, rates in runs.items()))

@@ -3,7 +3,10 @@ into the directory `prepared.py` reads, so that training reads large files by of
 and transforming one image file at a time.
 
 - layout 'jpeg' (folder trees): every image decoded once, made no larger than `max_side` on its longer
-  side, re-encoded by PIL at `quality` and packed into tar shards of about `shard_mb` MB.
+  side, re-encoded by PIL at `quality` and packed into tar shards of about `shard_mb` MB; a chosen
+  fraction of the images (`raw_fraction`, drawn with a fixed seed) is stored as uncompressed uint8
+  H×W×3 `.npy` members instead, which training copies instead of decoding (FFCV's `compress_probability`:
+  disk traded for the CPU time of decoding).
 - layout 'array': uint8 N×C×H×W arrays; an array source as it is, a folder tree cut to `max_side`² with
   the folder source's evaluation geometry (the shorter side resized to 256/224 of it, the centre cut), so
   that training from the copy with augment 'none' sees exactly what the folder source shows at
@@ -42,19 +45,31 @@ DEFAULT_MAX_SIDE = 384  # keeps the shorter side of ImageNet's usual 500x375 and
 DEFAULT_QUALITY = 90
 DEFAULT_SHARD_MB = 256.0
 TAR_BLOCK = 512
+RAW_SEED = 0  # which images a raw_fraction stores raw: the same ones on every run of prepare
 
 
-def encode_jpeg(path: str, max_side: int, quality: int) -> bytes:
-    """The image at `path` as RGB JPEG bytes at `quality`, made smaller (never larger) to a longer side of
-    `max_side` px with PIL's bicubic filter."""
+def bounded_image(path: str, max_side: int) -> Image.Image:
+    """The RGB image at `path`, made smaller (never larger) to a longer side of `max_side` px with PIL's
+    bicubic filter."""
     image = load_image(path, max_side)
     scale = max_side / max(image.size)
     if scale < 1:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)
+    return image
+
+
+def encode_image(sample: tuple[str, bool], max_side: int, quality: int) -> tuple[bytes, str]:
+    """(bytes, member suffix) of one sample (path, raw): RGB JPEG at `quality` ('jpg'), or with raw the
+    uint8 H×W×3 pixels as a .npy file ('npy'), of `bounded_image`."""
+    path, raw = sample
+    image = bounded_image(path, max_side)
     out = io.BytesIO()
+    if raw:
+        np.save(out, np.asarray(image, dtype=np.uint8))
+        return out.getvalue(), "npy"
     image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
+    return out.getvalue(), "jpg"
 
 
 def square_image(path: str, side: int) -> np.ndarray:
@@ -64,8 +79,8 @@ def square_image(path: str, side: int) -> np.ndarray:
 
 
 class ShardWriter:
-    """Appends samples to tar shards `<split>-NNNNNN.tar` in `directory` in webdataset naming (`<key>.jpg`,
-    `<key>.cls` holding the label in decimal), starting a new shard before one would pass `shard_bytes`.
+    """Appends samples to tar shards `<split>-NNNNNN.tar` in `directory` in webdataset naming (`<key>.jpg` or
+    `<key>.npy`, `<key>.cls` holding the label in decimal), starting a new shard before one would pass `shard_bytes`.
     Members carry no owner or time, so the same images make the same bytes."""
 
     def __init__(self, directory: Path, split: str, shard_bytes: int) -> None:
@@ -74,12 +89,12 @@ class ShardWriter:
         self._file = None
         self._tar = None
 
-    def add(self, key: str, payload: bytes, label: int) -> tuple[int, int, int, int]:
-        """Write one sample; its row of `prepared.SAMPLE_COLUMNS` (shard, offset and size of the JPEG, label)."""
+    def add(self, key: str, payload: bytes, label: int, suffix: str = "jpg") -> tuple[int, int, int, int]:
+        """Write one sample; its row of `prepared.SAMPLE_COLUMNS` (shard, offset and size of the image, label)."""
         if self._file is None or (self._file.tell() and self._file.tell() + len(payload) + 4 * TAR_BLOCK
                                   > self.shard_bytes):
             self._next_shard()
-        offset = self._member(f"{key}.jpg", payload)
+        offset = self._member(f"{key}.{suffix}", payload)
         self._member(f"{key}.cls", str(label).encode())
         return len(self.names) - 1, offset, len(payload), label
 
@@ -121,23 +136,27 @@ def folder_samples(src: str) -> tuple[list[str], dict[str, FolderDataset]]:
     return splits.train.classes, {"train": splits.train, "test": splits.test}
 
 
-def write_jpeg(src: str, out: Path, max_side: int, quality: int, shard_mb: float, workers: int) -> dict:
-    """A folder tree as JPEG shards in `out`; the index entries this layout adds."""
+def write_jpeg(src: str, out: Path, max_side: int, quality: int, shard_mb: float, workers: int,
+               raw_fraction: float = 0.0) -> dict:
+    """A folder tree as JPEG shards in `out` (`raw_fraction` of the images stored raw); the index entries this
+    layout adds."""
     classes, splits = folder_samples(src)
     entries: dict = {"splits": {}}
-    encode = partial(encode_jpeg, max_side=max_side, quality=quality)
+    encode = partial(encode_image, max_side=max_side, quality=quality)
     with worker_pool(workers) as pool_map:
         for split, dataset in splits.items():
             writer = ShardWriter(out, split, int(shard_mb * 1e6))
             paths = [path for path, _ in dataset.samples]
-            payloads = tqdm(pool_map(encode, paths), total=len(paths), desc=f"prepare {split}", unit="img")
-            rows = [writer.add(f"{i:08d}", payload, label) for i, (payload, (_, label))
-                    in enumerate(zip(payloads, dataset.samples))]
+            raw = np.random.default_rng(RAW_SEED).random(len(paths)) < raw_fraction
+            encoded = tqdm(pool_map(encode, zip(paths, raw.tolist())), total=len(paths), desc=f"prepare {split}",
+                           unit="img")
+            rows = [writer.add(f"{i:08d}", payload, label, suffix) for i, ((payload, suffix), (_, label))
+                    in enumerate(zip(encoded, dataset.samples))]
             writer.close()
             np.save(out / prepared.samples_name(split), np.array(rows, dtype=np.int64).reshape(-1, 4))
-            entries["splits"][split] = {"count": len(rows), "samples": prepared.samples_name(split),
+            entries["splits"][split] = {"count": len(rows), "raw": int(raw.sum()), "samples": prepared.samples_name(split),
                                         "shards": writer.names}
-    return entries | {"classes": classes, "max_side": max_side, "quality": quality,
+    return entries | {"classes": classes, "max_side": max_side, "quality": quality, "raw_fraction": raw_fraction,
                       "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "from": "ImageNet"}}
 
 
@@ -193,7 +212,7 @@ def check_destination(dst: Path, overwrite: bool) -> None:
 
 
 def resolve_options(src: str, source: str, layout: str | None, max_side: int | None, quality: int,
-                    shard_mb: float) -> tuple[str, int]:
+                    shard_mb: float, raw_fraction: float = 0.0) -> tuple[str, int]:
     """(layout, max side) for `prepare`'s arguments: the layout by default 'jpeg' for a folder tree and 'array'
     for an array source, the max side by default DEFAULT_MAX_SIDE for JPEGs; a combination that cannot work
     raises DatasetError naming the command-line option."""
@@ -216,18 +235,24 @@ def resolve_options(src: str, source: str, layout: str | None, max_side: int | N
         raise DatasetError(f"--quality must be in 1..100, got {quality}")
     if not shard_mb > 0:
         raise DatasetError(f"--shard-mb must be > 0, got {shard_mb}")
+    if not 0 <= raw_fraction <= 1:
+        raise DatasetError(f"--raw-fraction must be in [0, 1], got {raw_fraction}")
+    if raw_fraction and layout != "jpeg":
+        raise DatasetError("--raw-fraction stores some images of JPEG shards raw: it is for --layout jpeg (an "
+                           "array layout is all raw)")
     return layout, DEFAULT_MAX_SIDE if max_side is None and source == "folder" else max_side or 0
 
 
 def prepare(src: str, dst: str | Path, source: str = "folder", layout: str | None = None, max_side: int | None = None,
             quality: int = DEFAULT_QUALITY, shard_mb: float = DEFAULT_SHARD_MB, workers: int = 1,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, raw_fraction: float = 0.0) -> dict:
     """Write the prepared directory `dst` from `src` (a folder tree, or an array source of
     `formats.ARRAY_SOURCES` read as the data.source of that name reads it) and return its index.
     Layout 'jpeg' (a folder tree's default) makes images at most `max_side` px at JPEG `quality`, in shards
-    of about `shard_mb` MB; layout 'array' (an array source's only one) cuts a folder tree to `max_side`²
+    of about `shard_mb` MB, `raw_fraction` of them stored uncompressed; layout 'array' (an array source's
+    only one) cuts a folder tree to `max_side`²
     or keeps an array source as it is. See `resolve_options` for the defaults and what is refused."""
-    layout, max_side = resolve_options(src, source, layout, max_side, quality, shard_mb)
+    layout, max_side = resolve_options(src, source, layout, max_side, quality, shard_mb, raw_fraction)
     dst = Path(dst).expanduser()
     check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +263,7 @@ def prepare(src: str, dst: str | Path, source: str = "folder", layout: str | Non
         if source != "folder":
             entries = write_source_arrays(source, src, work)
         elif layout == "jpeg":
-            entries = write_jpeg(src, work, max_side, quality, shard_mb, workers)
+            entries = write_jpeg(src, work, max_side, quality, shard_mb, workers, raw_fraction)
         else:
             entries = write_folder_arrays(src, work, max_side, workers)
         files = {path.name: {"bytes": path.stat().st_size, "sha256": formats.file_sha256(path)}

@@ -5,14 +5,16 @@ A prepared directory holds `index.json` and the data files it lists, each with i
 - layout 'array': per split `<split>-images.npy` (uint8 N×C×H×W) and `<split>-labels.npy` (int64 N),
   opened memory-mapped, so a data set larger than memory trains without being read in first;
 - layout 'jpeg': per split tar shards `<split>-NNNNNN.tar` in webdataset naming (`<key>.jpg` and
-  `<key>.cls` members, readable by `tar` and webdataset) and `<split>-samples.npy`, one row per sample:
-  shard number, byte offset and size of the JPEG inside the shard, label.
+  `<key>.cls` members, readable by `tar` and webdataset; `<key>.npy`, uint8 H×W×3 pixels, for the images
+  prepared raw) and `<split>-samples.npy`, one row per sample: shard number, byte offset and size of the
+  image inside the shard, label. A payload is told JPEG or .npy by its first bytes.
 Samples are reached by their index (`os.pread` at the offset), never by streaming, so the trainer's
 one global permutation per epoch applies unchanged, exactly as for the in-memory sets.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -36,6 +38,7 @@ SPLITS = ("train", "test")  # a folder tree's train/ and val/
 VERIFY = ("sha256", "size")
 SAMPLE_COLUMNS = ("shard", "offset", "size", "label")  # the columns of <split>-samples.npy
 INDEX_KEYS = ("layout", "classes", "normalization", "splits", "files")
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a .npy payload (an image prepared raw); anything else is a JPEG
 
 
 def images_name(split: str) -> str:
@@ -174,9 +177,10 @@ def jpeg_split(data: Prepared, split: str) -> tuple[list[Path], np.ndarray]:
 
 
 class EncodedImages:
-    """A batch's JPEG payloads still encoded, as the loader hands them over when decoding happens on the
-    training device (data.decode_on = "device"): `decode` there makes the uint8 batch, so a GPU decodes
-    with nvJPEG and only compressed bytes leave the loader. `where` names the shards for errors."""
+    """A batch's payloads (JPEGs, and .npy pixels of images prepared raw) still encoded, as the loader hands
+    them over when decoding happens on the training device (data.decode_on = "device"): `decode` there makes
+    the uint8 batch, so a GPU decodes with nvJPEG and only compressed bytes leave the loader. `where` names
+    the shards for errors."""
 
     def __init__(self, payloads: list[torch.Tensor], geometry: Callable[[torch.Tensor], torch.Tensor],
                  where: str) -> None:
@@ -192,13 +196,26 @@ class EncodedImages:
         return EncodedImages([payload.pin_memory() for payload in self.payloads], self.geometry, self.where)
 
     def decode(self, device: torch.device) -> torch.Tensor:
-        """The uint8 B×3×H×W batch on `device`: every JPEG decoded there in one batched call, then cut by
-        the geometry, whose random draws come from torch's global (CPU) generator wherever it runs."""
+        """The uint8 B×3×H×W batch on `device`: every JPEG decoded there in one batched call, every raw image
+        copied there, then each cut by the geometry, whose random draws come from torch's global (CPU)
+        generator wherever it runs."""
+        raw = [bytes(payload[:len(NPY_MAGIC)].tolist()) == NPY_MAGIC for payload in self.payloads]
+        jpegs = [payload for payload, is_raw in zip(self.payloads, raw) if not is_raw]
         try:
-            images = decode_jpeg(self.payloads, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError as e:
-            raise DatasetError(f"cannot decode a JPEG read from prepared shard(s) {self.where}: {e}") from e
+            decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+            images = [self._pixels(payload, device) if is_raw else next(decoded)
+                      for payload, is_raw in zip(self.payloads, raw)]
+        except (RuntimeError, ValueError) as e:
+            raise DatasetError(f"cannot decode an image read from prepared shard(s) {self.where}: {e}") from e
         return torch.stack([self.geometry(image) for image in images])
+
+    @staticmethod
+    def _pixels(payload: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A raw image's .npy payload as uint8 3×H×W on `device`."""
+        array = np.load(io.BytesIO(payload.numpy().tobytes()), allow_pickle=False)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"a raw image must be uint8 H×W×3, got {array.dtype} {array.shape}")
+        return torch.from_numpy(array).permute(2, 0, 1).to(device)
 
 
 class JpegShardDataset(Dataset):
