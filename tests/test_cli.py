@@ -159,7 +159,7 @@ def test_config_prints_resolved_toml_and_derived_plan(capsys):
     assert "2 workers x 16 micro-batches x 128 samples" in out and "peak lr 0.8 " in out
 
 
-def test_train_without_a_recipe_trains_the_default_job(capsys, tmp_path, monkeypatch):
+def test_train_without_a_recipe_trains_the_default_job(capsys, tmp_path):
     """fmnist_fast, on synthetic data for two steps: K-FAC in front of SGD, precision 'auto' as this CPU resolves it."""
     from largebatch.metrics import read_metrics
     from largebatch.precision import native_bf16

@@ -36,10 +36,15 @@ OPTIMIZER_ARGS = {
 }
 
 
+def run_args(out, name, global_batch, micro_batch, bn_batch, optimizer="sgd"):
+    """The fields of a run of fmnist_goyal on SYNTHETIC, as command-line overrides."""
+    return [*SYNTHETIC, *OPTIMIZER_ARGS[optimizer], "--data.global_batch", str(global_batch), "--data.micro_batch",
+            str(micro_batch), "--data.bn_batch", str(bn_batch), "--run.out_dir", str(out), "--run.name", name]
+
+
 def train_argv(out, name, global_batch, micro_batch, bn_batch, optimizer="sgd"):
-    return ["-m", "largebatch", "train", "--recipe", "fmnist_goyal", *SYNTHETIC, *OPTIMIZER_ARGS[optimizer],
-            "--data.global_batch", str(global_batch), "--data.micro_batch", str(micro_batch),
-            "--data.bn_batch", str(bn_batch), "--run.out_dir", str(out), "--run.name", name]
+    return ["-m", "largebatch", "train", "--recipe", "fmnist_goyal",
+            *run_args(out, name, global_batch, micro_batch, bn_batch, optimizer)]
 
 
 def parameters(run_dir):
@@ -186,7 +191,7 @@ def test_a_killed_rank_is_named_by_the_survivor_in_one_line(tmp_path):
 
 
 def test_a_rank_that_raises_is_named_with_its_error_by_the_survivor(tmp_path):
-    argv = [FAULT_JOB, *train_argv(tmp_path, "raised", 24, 6, 3)[3:], "--fault", "raise", "1", "3"]
+    argv = [FAULT_JOB, *run_args(tmp_path, "raised", 24, 6, 3), "--fault", "raise", "1", "3"]  # fault_job: fmnist_goyal
     survivor, failed = run_ranks(argv, 2, check=False)
     assert failed.returncode != 0 and "ValueError: injected fault after step 3" in failed.stdout
     named = re.search(r"RankLostError: rank 1 \(pid \d+ on \S+\) failed in step 3: ValueError: injected fault after "

@@ -483,7 +483,7 @@ def test_a_raw_fraction_stores_those_images_as_their_pixels_and_reads_them_exact
         assert dataset.labels.tolist() == source.targets
         for i, (path, _) in enumerate(source.samples):
             if raw[i]:
-                pixels = np.load(io.BytesIO(dataset.payload(i).numpy().tobytes()))
+                pixels = np.load(io.BytesIO(dataset.payload(i).numpy().tobytes()))  # a plain .npy
                 assert np.array_equal(pixels, np.asarray(bounded_image(path, 24)))
             else:
                 assert torch.equal(dataset.payload(i), reference.payload(i))
@@ -511,3 +511,18 @@ def test_a_raw_fraction_that_cannot_work_is_refused(tree, tmp_path, kwargs, expe
     with pytest.raises(DatasetError, match=re.escape(expected)):
         prepare(str(tree), tmp_path / "p", workers=1, **kwargs)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("array, cut, expected", [
+    (np.zeros((4, 5), dtype=np.uint8), 0, "a raw image must be uint8 H×W×3"),
+    (np.zeros((4, 5, 3), dtype=np.float32), 0, "a raw image must be uint8 H×W×3"),
+    (np.zeros((4, 5, 3), dtype=np.uint8), 7, "a raw image of shape \\(4, 5, 3\\) needs 60 bytes, the payload holds 53"),
+])
+def test_a_damaged_raw_image_is_named_with_its_shard(array, cut, expected):
+    from largebatch.data.prepared import EncodedImages
+
+    out = io.BytesIO()
+    np.save(out, array)
+    payload = torch.frombuffer(bytearray(out.getvalue()[:len(out.getvalue()) - cut]), dtype=torch.uint8)
+    with pytest.raises(DatasetError, match=f"prepared shard\\(s\\) /data/train-000003.tar: {expected}"):
+        EncodedImages([payload], lambda image: image, "/data/train-000003.tar").decode(torch.device("cpu"))
