@@ -526,3 +526,11 @@ def test_a_damaged_raw_image_is_named_with_its_shard(array, cut, expected):
     payload = torch.frombuffer(bytearray(out.getvalue()[:len(out.getvalue()) - cut]), dtype=torch.uint8)
     with pytest.raises(DatasetError, match=f"prepared shard\\(s\\) /data/train-000003.tar: {expected}"):
         EncodedImages([payload], lambda image: image, "/data/train-000003.tar").decode(torch.device("cpu"))
+
+
+def test_prepare_command_passes_the_raw_fraction(tree, tmp_path, capsys):
+    assert main(["prepare", str(tree), str(tmp_path / "p"), "--max-side", "24", "--raw-fraction", "1",
+                 "--workers", "1"]) == 0
+    index = json.loads((tmp_path / "p" / INDEX_NAME).read_text())
+    assert index["raw_fraction"] == 1.0
+    assert all(split["raw"] == split["count"] for split in index["splits"].values())
