@@ -418,7 +418,9 @@ def test_encoded_batches_leave_the_loader_as_bytes_and_decode_to_the_loaders_bat
 
     decoded = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
     encoded = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
-    defer_normalization(decoded), defer_normalization(encoded), defer_decoding(encoded)
+    for splits in (decoded, encoded):
+        defer_normalization(splits)
+    defer_decoding(encoded)
     for split in ("train", "test"):
         loader = torch.utils.data.DataLoader(getattr(encoded, split), batch_sampler=[[0, 3, 1]],
                                              collate_fn=collate_batch, num_workers=2)
@@ -496,7 +498,8 @@ def test_a_raw_fraction_stores_those_images_as_their_pixels_and_reads_them_exact
         images = [m.name for m in tar.getmembers() if not m.name.endswith(".cls")]
         assert [name.endswith(".npy") for name in images] == [stored_raw["train"][int(name[:8])] for name in images]
         assert all(name.endswith((".npy", ".jpg")) for name in images)
-    defer_normalization(mixed), defer_decoding(mixed)
+    defer_normalization(mixed)
+    defer_decoding(mixed)
     encoded, _ = mixed.test.__getitems__(list(range(len(mixed.test))))
     in_loader = load_splits("prepared", str(tmp_path / "raw"), "none", image_size=16)
     defer_normalization(in_loader)

@@ -3,10 +3,11 @@ an ImageNet-style JPEG tree through the folder source (torchvision ImageFolder, 
 transforms, one image at a time) against its `largebatch prepare` copy (JPEG shards read by offset and
 decoded a batch at a time), normalised in the loader or, as `data.normalize_on = "device"` does, after it
 from uint8 batches, or decoded after it as well (`data.decode_on = "device"`; on a GPU, nvJPEG), and from a
-copy with a fraction of the images stored raw (`prepare --raw-fraction`, FFCV's trade of disk for decoding). The tree is generated (photo-sized images with ImageNet-sized JPEG files,
-seeded) unless `--tree` names one to reuse; every pipeline runs through the trainer's own DataLoader with
-the same workers, batch and number of batches, in turns, and the best run of each is reported (another
-process on the machine can only slow a run down). Prints a table and writes it as JSON.
+copy with a fraction of the images stored raw (`prepare --raw-fraction`, FFCV's trade of disk for
+decoding). The tree is generated (photo-sized images with ImageNet-sized JPEG files, seeded) unless
+`--tree` names one to reuse; every pipeline runs through the trainer's own DataLoader with the same
+workers, batch and number of batches, in turns, and the best run of each is reported (another process
+on the machine can only slow a run down). Prints a table and writes it as JSON.
 
 Options, table and JSON are here and import no torch, so `largebatch bench data --help` runs without it;
 the timing is `largebatch.bench.data_timing`.

@@ -127,7 +127,8 @@ def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_
                                                  ("prepared_raw", "prepared", Path(tmp) / "prepared_raw"))}
         device = torch.device(loading.device)
         normalization = defer_normalization(splits["prepared_uint8"])
-        defer_normalization(splits["prepared_encoded"]), defer_decoding(splits["prepared_encoded"])
+        defer_normalization(splits["prepared_encoded"])
+        defer_decoding(splits["prepared_encoded"])
         finish = {"prepared_uint8": lambda x: normalize(x.to(device, non_blocking=True), *normalization),
                   "prepared_encoded": lambda x: normalize(x.decode(device), *normalization)}
         runs: dict[str, list[float]] = {pipeline: [] for pipeline in splits}
@@ -136,8 +137,8 @@ def measure(tree: Path | None, images: int, classes: int, loading: Loading, max_
                 runs[pipeline].append(loading_rate(data.train, loading, finish.get(pipeline)))
         folder = splits["folder"].train
         tree_bytes = sum(Path(path).stat().st_size for path, _ in folder.samples)
-        prepared_bytes, raw_bytes = (sum(entry["bytes"] for name, entry in i["files"].items() if name.startswith("train-"))
-                                     for i in (index, raw_index))
+        prepared_bytes, raw_bytes = (sum(entry["bytes"] for name, entry in copy["files"].items()
+                                         if name.startswith("train-")) for copy in (index, raw_index))
         return DataResult(len(folder), len(folder.classes), tree_bytes / len(folder), prepared_bytes / len(folder),
                           index["max_side"], index["quality"], prepare_s, raw_fraction, raw_bytes / len(folder),
                           tuple(DataRow(PIPELINES[pipeline], pipeline, tuple(rates))
