@@ -175,6 +175,18 @@ def test_train_without_a_recipe_trains_the_default_job(capsys, tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train" and "kfac_nu" in r] == [1, 2]
 
 
+def test_gns_and_bench_comm_default_to_the_plain_sgd_recipe():
+    """The noise scale and the all-reduce are measured on plain SGD's gradients, not the default job's K-FAC."""
+    from largebatch import recipes
+    from largebatch.cli import build_parser
+
+    parser = build_parser()
+    assert recipes.SGD_RECIPE == "fmnist_goyal" != recipes.DEFAULT_RECIPE
+    assert parser.parse_args(["gns"]).recipe == recipes.SGD_RECIPE
+    assert parser.parse_args(["bench", "comm"]).recipe == recipes.SGD_RECIPE
+    assert parser.parse_args(["train"]).recipe == recipes.DEFAULT_RECIPE
+
+
 def test_fp16_without_a_gpu_is_a_one_line_error_before_the_run_directory(capsys, tmp_path):
     err = error_of(capsys, ["train", *QUICK, "--run.precision", "fp16", "--run.out_dir", str(tmp_path)])
     assert "run.precision = 'fp16' needs a GPU" in err and "Traceback" not in err

@@ -537,3 +537,23 @@ def test_prepare_command_passes_the_raw_fraction(tree, tmp_path, capsys):
     index = json.loads((tmp_path / "p" / INDEX_NAME).read_text())
     assert index["raw_fraction"] == 1.0
     assert all(split["raw"] == split["count"] for split in index["splits"].values())
+
+
+def test_the_dataloaders_pinning_pins_every_payload_of_an_encoded_batch(jpeg_dir, monkeypatch):
+    """DataLoader(pin_memory=True) hands a batch to torch's pin_memory helper, which calls
+    EncodedImages.pin_memory; pinning is faked as a copy here (a CPU-only torch cannot pin)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from largebatch.data import defer_decoding
+    from largebatch.data.prepared import EncodedImages
+
+    splits = load_splits("prepared", str(jpeg_dir), "none", image_size=16)
+    defer_decoding(splits)
+    batch = splits.train.__getitems__([0, 3, 1])
+    pinned_copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: pinned_copies.append(self.clone()) or
+                        pinned_copies[-1])
+    x, y = pin_memory(batch)
+    assert isinstance(x, EncodedImages) and x.where == batch[0].where and x.geometry is batch[0].geometry
+    assert all(any(p is q for q in pinned_copies) for p in x.payloads)  # every payload went through pinning
+    assert [torch.equal(p, q) for p, q in zip(x.payloads, batch[0].payloads)] == [True] * 3
